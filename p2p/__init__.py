@@ -1,0 +1,1 @@
+"""lamina p2p package."""
