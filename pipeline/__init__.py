@@ -1,1 +1,25 @@
-"""lamina pipeline package."""
+"""lamina's model engine and client library.
+
+Engine: `load_span(checkpoint, start, end, device, dtype)` gives a `Span` of transformer blocks,
+called as ``span(hidden, positions, cache)``; `load_client_head` gives what a client holds
+(embeddings, final norm, LM head). `generate` runs over any ``step(hidden, start)`` callable.
+"""
+
+from ._checkpoint import (Checkpoint, LoadReport, check_device, load_client_head, load_config,
+                          load_span, resolve_checkpoint)
+from ._config import SUPPORTED_ARCHITECTURES, ModelConfig
+from ._errors import (CacheError, CheckpointNotFoundError, ConfigError, InvalidSpanError,
+                      LaminaError, ModelLoadError, UnsupportedDtypeError, UnsupportedModelError)
+from ._generation import GenerationConfig, generate, next_tokens
+from ._local import CausalLMOutput, LocalModelForCausalLM
+from ._model import ClientHead, KVCache, Segment, Span
+from ._tokenizer import Tokenizer
+
+__all__ = [
+    "Checkpoint", "LoadReport", "check_device", "load_client_head", "load_config", "load_span",
+    "resolve_checkpoint", "SUPPORTED_ARCHITECTURES", "ModelConfig", "CacheError",
+    "CheckpointNotFoundError", "ConfigError", "InvalidSpanError", "LaminaError", "ModelLoadError",
+    "UnsupportedDtypeError", "UnsupportedModelError", "GenerationConfig", "generate",
+    "next_tokens", "CausalLMOutput", "LocalModelForCausalLM", "ClientHead", "KVCache", "Segment",
+    "Span", "Tokenizer",
+]

@@ -1,0 +1,51 @@
+"""Text <-> token ids through the `tokenizers` library, when a checkpoint ships tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self.path = Path(path)
+        self._tok = _Tok.from_file(str(self.path))
+        self.eos_token_ids: tuple[int, ...] = ()
+        self.bos_token_id: int | None = None
+        config = self.path.parent / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                raw = json.loads(config.read_text())
+            except json.JSONDecodeError:
+                raw = {}
+            eos, bos = _token_text(raw.get("eos_token")), _token_text(raw.get("bos_token"))
+            if eos is not None and self._tok.token_to_id(eos) is not None:
+                self.eos_token_ids = (self._tok.token_to_id(eos),)
+            if bos is not None:
+                self.bos_token_id = self._tok.token_to_id(bos)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike) -> "Tokenizer | None":
+        path = Path(directory) / "tokenizer.json"
+        return cls(path) if path.is_file() else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None

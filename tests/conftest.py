@@ -1,0 +1,76 @@
+"""Shared fixtures: checkpoints written by transformers (test-only) and by lamina's tiny writer."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# family name -> transformers config kwargs (small, but exercising each family's specifics)
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "llama3-rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-linear-rope": ("LlamaConfig", dict(num_key_value_heads=4, rope_scaling={
+        "rope_type": "linear", "factor": 4.0})),
+    "llama2-mha": ("LlamaConfig", dict(num_key_value_heads=4, attention_bias=True)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=16)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32)),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            vocab_size=320, max_position_embeddings=256, eos_token_id=None, bos_token_id=None,
+            pad_token_id=None)
+
+
+def write_hf_checkpoint(directory: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A random-init checkpoint of `family`, written by transformers' own save_pretrained."""
+    import transformers
+
+    cls_name, extra = FAMILY_CONFIGS[family]
+    config = getattr(transformers, cls_name)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """family -> (checkpoint dir, transformers model), written once per session."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def get(family: str):
+        if family not in made:
+            import transformers
+
+            path = write_hf_checkpoint(tmp_path_factory.mktemp(family), family)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+            made[family] = (path, model)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The embedded tiny model (lamina's own writer), written once per session."""
+    from pipeline.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory) -> Path:
+    from pipeline.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("micro"), "micro")
