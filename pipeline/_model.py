@@ -127,32 +127,31 @@ class Attention(nn.Module):
             ck, cv = seg.cache.k[layer], seg.cache.v[layer]               # [B, K, S_max, E]
             ck[:, :, seg.start:end] = k[rows].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
             cv[:, :, seg.start:end] = v[rows].view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            # Query heads sharing a kv head are stacked along the query axis, so grouped-query
-            # attention needs no copy of the keys: [B, K, G*T, E] against [B, K, S, E].
-            qs = (q[rows].view(b, t, self.n_kv, groups, self.head_dim)
-                  .permute(0, 2, 3, 1, 4).reshape(b, self.n_kv, groups * t, self.head_dim))
+            keys, values = ck[:, :, :end], cv[:, :, :end]
             mask = _attention_mask(seg.start, t, self.window, x.device)
-            if mask is True and groups > 1:    # is_causal would mask over the G*T stacked rows
-                mask = _attention_mask(seg.start, t, self.window, x.device, explicit=True)
-            if mask is None:
-                o = F.scaled_dot_product_attention(qs, ck[:, :, :end], cv[:, :, :end])
-            elif mask is True:
-                o = F.scaled_dot_product_attention(qs, ck[:, :, :end], cv[:, :, :end], is_causal=True)
+            if t == 1 and mask is None:
+                # Decode: the G query heads sharing a kv head are stacked on the query axis, so
+                # grouped-query attention reads the cache without copying it: [B, K, G, E].
+                qs = q[rows].view(b, self.n_kv, groups, self.head_dim)
+                o = F.scaled_dot_product_attention(qs, keys, values)         # [B, K, G, E]
+                outs.append(o.reshape(b, self.n_heads * self.head_dim))
+                continue
+            qs = q[rows].view(b, t, self.n_heads, self.head_dim).transpose(1, 2)   # [B, H, T, E]
+            gqa = groups > 1
+            if mask is True:
+                o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=gqa)
             else:
-                o = F.scaled_dot_product_attention(
-                    qs, ck[:, :, :end], cv[:, :, :end], attn_mask=mask.repeat(groups, 1))
-            outs.append(o.view(b, self.n_kv, groups, t, self.head_dim)
-                        .permute(0, 3, 1, 2, 4).reshape(b * t, self.n_heads * self.head_dim))
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=gqa)
+            outs.append(o.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.wo(out)
 
 
-def _attention_mask(start: int, t: int, window: int | None, device,
-                    explicit: bool = False) -> Tensor | bool | None:
+def _attention_mask(start: int, t: int, window: int | None, device) -> Tensor | bool | None:
     """None: every cached key is visible; True: plain causal (start == 0); else a [T, S] mask."""
     end = start + t
     windowed = window is not None and end > window
-    if not windowed and not explicit:
+    if not windowed:
         if t == 1:
             return None
         if start == 0:

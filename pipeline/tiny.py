@@ -120,8 +120,24 @@ def _weights(spec: TinySpec) -> dict[str, torch.Tensor]:
     return w
 
 
+def _training_lines(n_words: int = 60000) -> list[str]:
+    """The corpus plus seeded pseudo-words, so BPE learns enough merges to fill the vocab."""
+    import random
+
+    rng = random.Random(0)
+    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
+              "br", "ch", "st", "th", "tr", "sh", "pl", "gr"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io"]
+    codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
+    words = ["".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                     for _ in range(rng.randint(1, 3))) for _ in range(n_words)]
+    lines = CORPUS.splitlines()
+    lines += [" ".join(words[i:i + 12]) + "." for i in range(0, n_words, 12)]
+    return lines
+
+
 def write_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -129,7 +145,11 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(_training_lines(), trainer=trainer)
+    # Every id the model can emit decodes: reserve whatever the merges did not fill.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_special_tokens([AddedToken(f"<|reserved_{i}|>", special=True) for i in range(missing)])
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",

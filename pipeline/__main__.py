@@ -1,0 +1,131 @@
+"""Generate from the shell.
+
+    python -m pipeline generate --model DIR --prompt "Once upon a time" [--local | --initial-peers ...]
+    python -m pipeline write-tiny DIR [--preset tiny|small|micro]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id (cached)")
+    g.add_argument("--prompt", default=None, help="text prompt (needs tokenizer.json)")
+    g.add_argument("--input-ids", default=None, help="comma-separated token ids instead of --prompt")
+    g.add_argument("--local", action="store_true", help="run every block in this process")
+    g.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm peers")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--show-route", action="store_true", help="log the chosen route")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; use 1 when sharing cores)")
+    w = sub.add_parser("write-tiny", help="write the embedded tiny model")
+    w.add_argument("directory")
+    w.add_argument("--preset", default="tiny")
+    return p
+
+
+def _input_ids(args, tokenizer):
+    import torch
+
+    if args.input_ids:
+        try:
+            ids = [int(x) for x in args.input_ids.split(",")]
+        except ValueError:
+            raise ValueError("--input-ids must be comma-separated integers") from None
+        return torch.tensor([ids])
+    if args.prompt is None:
+        raise ValueError("give --prompt or --input-ids")
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer.json; use --input-ids")
+    return torch.tensor([tokenizer.encode(args.prompt)])
+
+
+class _PrintStreamer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.first, self.ids, self.shown = tokenizer, True, [], ""
+
+    def put(self, value):
+        if self.first:
+            self.first = False
+            return
+        self.ids.append(int(value.reshape(-1)[0]))
+        if self.tokenizer is None:
+            print(self.ids[-1], end=" ", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+    def end(self):
+        print(flush=True)
+
+
+def _generate(args) -> int:
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.local:
+        from ._local import LocalModelForCausalLM
+
+        model = LocalModelForCausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        ids = _input_ids(args, model.tokenizer)
+        t0 = time.perf_counter()
+        out = model.generate(ids, streamer=_PrintStreamer(model.tokenizer), **options)
+    else:
+        from ._client import DistributedModelForCausalLM
+
+        if not args.initial_peers:
+            raise ValueError("give --initial-peers (or --local to run every block here)")
+        with DistributedModelForCausalLM.from_pretrained(
+                args.model, initial_peers=args.initial_peers, device=args.device, dtype=args.dtype,
+                show_route=args.show_route) as model:
+            ids = _input_ids(args, model.tokenizer)
+            t0 = time.perf_counter()
+            out = model.generate(ids, streamer=_PrintStreamer(model.tokenizer), **options)
+    new = out.shape[1] - ids.shape[1]
+    dt = time.perf_counter() - t0
+    print(f"[{new} tokens in {dt:.2f} s, {new / dt:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from ._errors import LaminaError
+
+    try:
+        if args.command == "write-tiny":
+            from .tiny import write_tiny_model
+
+            print(write_tiny_model(args.directory, args.preset))
+            return 0
+        return _generate(args)
+    except (LaminaError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
