@@ -17,7 +17,7 @@ from ._tokenizer import Tokenizer
 
 __all__ = [
     "Checkpoint", "LoadReport", "check_device", "load_client_head", "load_config", "load_span",
-    "resolve_checkpoint", "SUPPORTED_ARCHITECTURES", "ModelConfig", "CacheError",
+    "model_hash", "resolve_checkpoint", "SUPPORTED_ARCHITECTURES", "ModelConfig", "CacheError",
     "CheckpointNotFoundError", "ConfigError", "InvalidSpanError", "LaminaError", "ModelLoadError",
     "UnsupportedDtypeError", "UnsupportedModelError", "GenerationConfig", "generate",
     "next_tokens", "CausalLMOutput", "LocalModelForCausalLM", "ClientHead", "KVCache", "Segment",

@@ -85,11 +85,22 @@ def load_config(checkpoint: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
+def model_hash(checkpoint: str | os.PathLike) -> str:
+    """Hex SHA-256 of the checkpoint's config.json, canonicalised (sorted keys, compact): the
+    same bytes as `crdt.ModelId.from_config(name, raw).config_hash`."""
+    import hashlib
+
+    raw = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
+    text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class Checkpoint:
     """Where each tensor of a checkpoint lives, read from headers only."""
 
     def __init__(self, name_or_path: str | os.PathLike) -> None:
         self.path = resolve_checkpoint(name_or_path)
+        self.name = str(name_or_path)
         self.config = load_config(self.path)
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
@@ -104,6 +115,11 @@ class Checkpoint:
         else:
             raise ModelLoadError(
                 f"{self.path} has neither model.safetensors nor model.safetensors.index.json")
+
+    @property
+    def model_hash(self) -> str:
+        """Hex SHA-256 of the canonical config.json: what nodes and clients match on."""
+        return model_hash(self.path)
 
     def file_of(self, name: str) -> Path:
         try:

@@ -1,0 +1,189 @@
+"""The inference protocol between clients and nodes (and node to node), as typed messages.
+
+Streams (each a `p2p.Session`: framed, heartbeated, every read/write under a deadline):
+
+``/lamina/inference/1``  client -> node, one stream per inference session and node.
+    client: OpenSession            node: SessionOpened (or an error frame: "busy", "bad_request")
+    client: Step | Replay | SetNextHop | CloseSession, in any order, one at a time per position
+    node:   StepResult for every step it ran (the echo the client keeps for replay; from the last
+            node of a chain, the final hidden states), StepFailed for a step it refused, and
+            PushFailed when it could not forward a result to its next hop.
+``/lamina/push/1``  node -> next node, one stream per session and hop.
+    upstream node: PushOpen, then Step...  (the next node answers nothing on this stream; it
+    sends its StepResult to the client on the client's own stream)
+``/lamina/info/1``  unary: InfoRequest -> NodeInfo (span, model, load; also used as an RTT ping)
+
+A step is `hidden [B, T, D]` at positions ``[position, position + T)``. Session ids are random
+128-bit hex strings: knowing one is what lets a peer push steps into that session.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+import p2p
+
+INFERENCE_PROTOCOL = "/lamina/inference/1"
+PUSH_PROTOCOL = "/lamina/push/1"
+INFO_PROTOCOL = "/lamina/info/1"
+
+MAX_BATCH = 64
+MAX_LENGTH = 1 << 20
+MAX_BLOCK = 4096
+MAX_CHUNKS = 4096
+HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
+_SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _check_session_id(value: str | None) -> None:
+    if value is not None and not _SESSION_ID.match(value):
+        raise ValueError("session ids are 32 lowercase hex characters")
+
+
+@p2p.message("lamina.open")
+@dataclass(frozen=True)
+class OpenSession(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+    model: str = p2p.field(max_len=64)             # the node's model fingerprint must match
+    start: int = p2p.field(min_value=0, max_value=MAX_BLOCK)
+    end: int = p2p.field(min_value=1, max_value=MAX_BLOCK)
+    max_length: int = p2p.field(min_value=1, max_value=MAX_LENGTH)
+    batch: int = p2p.field(min_value=1, max_value=MAX_BATCH)
+    dtype: str = p2p.field(max_len=16)
+    next_peer: str | None = p2p.field(default=None, max_len=128)
+    next_session: str | None = p2p.field(default=None, max_len=32)
+
+    def validate(self) -> None:
+        _check_session_id(self.session_id)
+        _check_session_id(self.next_session)
+        if self.start >= self.end:
+            raise ValueError(f"span [{self.start}, {self.end}) is empty")
+        if self.dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"dtype must be one of {HIDDEN_DTYPES}")
+        if (self.next_peer is None) != (self.next_session is None):
+            raise ValueError("next_peer and next_session go together")
+
+
+@p2p.message("lamina.opened")
+@dataclass(frozen=True)
+class SessionOpened(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+    start: int = p2p.field(min_value=0, max_value=MAX_BLOCK)
+    end: int = p2p.field(min_value=1, max_value=MAX_BLOCK)
+    max_length: int = p2p.field(min_value=1, max_value=MAX_LENGTH)
+
+
+@p2p.message("lamina.step")
+@dataclass(frozen=True)
+class Step(p2p.Message):
+    """Hidden states entering a node's span. `push`: forward the result to the next hop."""
+
+    session_id: str = p2p.field(max_len=32)
+    step_id: int = p2p.field(min_value=0, max_value=2**62)
+    position: int = p2p.field(min_value=0, max_value=MAX_LENGTH)
+    hidden: p2p.Tensor = p2p.field(dtypes=HIDDEN_DTYPES, ndim=3)
+    push: bool = True
+
+    def validate(self) -> None:
+        _check_session_id(self.session_id)
+
+
+@p2p.message("lamina.replay")
+@dataclass(frozen=True)
+class Replay(p2p.Message):
+    """Rebuild a fresh session's cache: run `hidden` [B, sum(chunks), D] from position 0 as the
+    original steps did, one chunk after another (same shapes, so bit-identical caches). Each
+    chunk's result is echoed as a StepResult with step_id = first_step_id + chunk index."""
+
+    session_id: str = p2p.field(max_len=32)
+    first_step_id: int = p2p.field(min_value=0, max_value=2**62)
+    chunks: tuple[int, ...] = p2p.field(min_len=1, max_len=MAX_CHUNKS)
+    hidden: p2p.Tensor = p2p.field(dtypes=HIDDEN_DTYPES, ndim=3)
+    push: bool = False
+
+    def validate(self) -> None:
+        _check_session_id(self.session_id)
+        if any(c <= 0 for c in self.chunks):
+            raise ValueError("replay chunks must be positive lengths")
+        if sum(self.chunks) != self.hidden.shape[1]:
+            raise ValueError("replay chunks must add up to the hidden states' length")
+
+
+@p2p.message("lamina.result")
+@dataclass(frozen=True)
+class StepResult(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+    step_id: int = p2p.field(min_value=0, max_value=2**62)
+    position: int = p2p.field(min_value=0, max_value=MAX_LENGTH)
+    hidden: p2p.Tensor = p2p.field(dtypes=HIDDEN_DTYPES, ndim=3)
+
+
+@p2p.message("lamina.step_failed")
+@dataclass(frozen=True)
+class StepFailed(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+    step_id: int = p2p.field(min_value=0, max_value=2**62)
+    code: str = p2p.field(max_len=32)
+    message: str = p2p.field(max_len=1000)
+
+
+@p2p.message("lamina.push_failed")
+@dataclass(frozen=True)
+class PushFailed(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+    step_id: int = p2p.field(min_value=0, max_value=2**62)
+    message: str = p2p.field(max_len=1000)
+
+
+@p2p.message("lamina.next_hop")
+@dataclass(frozen=True)
+class SetNextHop(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+    next_peer: str | None = p2p.field(default=None, max_len=128)
+    next_session: str | None = p2p.field(default=None, max_len=32)
+
+    def validate(self) -> None:
+        _check_session_id(self.session_id)
+        _check_session_id(self.next_session)
+        if (self.next_peer is None) != (self.next_session is None):
+            raise ValueError("next_peer and next_session go together")
+
+
+@p2p.message("lamina.close")
+@dataclass(frozen=True)
+class CloseSession(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+
+
+@p2p.message("lamina.push_open")
+@dataclass(frozen=True)
+class PushOpen(p2p.Message):
+    session_id: str = p2p.field(max_len=32)
+
+    def validate(self) -> None:
+        _check_session_id(self.session_id)
+
+
+@p2p.message("lamina.info_request")
+@dataclass(frozen=True)
+class InfoRequest(p2p.Message):
+    pass
+
+
+@p2p.message("lamina.info")
+@dataclass(frozen=True)
+class NodeInfo(p2p.Message):
+    peer_id: str = p2p.field(max_len=128)
+    model: str = p2p.field(max_len=64)
+    start: int = p2p.field(min_value=0, max_value=MAX_BLOCK)
+    end: int = p2p.field(min_value=1, max_value=MAX_BLOCK)
+    state: str = p2p.field(max_len=16)
+    active_sessions: int = p2p.field(min_value=0)
+    free_cache_tokens: int = p2p.field(min_value=0)
+    version: str = p2p.field(max_len=32)
