@@ -6,7 +6,7 @@ called as ``span(hidden, positions, cache)``; `load_client_head` gives what a cl
 """
 
 from ._checkpoint import (Checkpoint, LoadReport, check_device, load_client_head, load_config,
-                          load_span, resolve_checkpoint)
+                          load_span, model_hash, resolve_checkpoint)
 from ._config import SUPPORTED_ARCHITECTURES, ModelConfig
 from ._errors import (CacheError, CheckpointNotFoundError, ConfigError, InvalidSpanError,
                       LaminaError, ModelLoadError, UnsupportedDtypeError, UnsupportedModelError)
