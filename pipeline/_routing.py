@@ -1,0 +1,140 @@
+"""Route choice: the cheapest chain of servers covering blocks [start, end), a pure function.
+
+The graph's states are (block boundary, last server). Entering server s at boundary p and
+leaving it at boundary q costs
+
+    hop latency (the previous server's measured RTT to s, else the client's, else a default)
+    + (q - p) blocks x s's time per block (1 / inference_rps, else a default)
+    + a load penalty growing with s's active sessions
+
+and the chain ends with one more hop back to the client. Servers that are not ONLINE, whose
+lease expired, that lack cache room for the session, or that the allow/block lists exclude are
+never used. Ties break on peer id, so the same view always gives the same route.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from crdt import ServerRecord, ServerState, peer_id_to_str
+
+DEFAULT_HOP_MS = 5.0            # one-way latency assumed when nothing was measured
+DEFAULT_BLOCK_MS = 2.0          # per-block step time assumed when a server announced no rate
+LOAD_PENALTY_MS = 1.0           # added per active session already on the server, per block
+MAX_BLOCK_MS = 60_000.0
+
+
+class NoRouteError(Exception):
+    """No chain of usable servers covers the blocks."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer_id: str       # base58 peer id
+    start: int
+    end: int
+    addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    allowed_peers: frozenset[str] | None = None    # only these (None: any)
+    blocked_peers: frozenset[str] = frozenset()
+    client_rtts_ms: dict[str, float] = field(default_factory=dict)
+
+
+def usable(record: ServerRecord, now_ms: int, needed_tokens: int, opts: RouteOptions,
+           excluded: Iterable[str] = ()) -> bool:
+    pid = peer_id_to_str(record.peer_id)
+    if record.state is not ServerState.ONLINE or record.expires_ms <= now_ms:
+        return False
+    if pid in opts.blocked_peers or pid in excluded:
+        return False
+    if opts.allowed_peers is not None and pid not in opts.allowed_peers:
+        return False
+    return record.load.free_cache_tokens >= needed_tokens
+
+
+def _block_ms(r: ServerRecord) -> float:
+    base = 1000.0 / r.inference_rps if r.inference_rps > 0 else DEFAULT_BLOCK_MS
+    return min(base + LOAD_PENALTY_MS * r.load.active_sessions, MAX_BLOCK_MS)
+
+
+def choose_route(records: Iterable[ServerRecord], start: int, end: int, *, now_ms: int,
+                 needed_tokens: int = 0, options: RouteOptions = RouteOptions(),
+                 excluded: Iterable[str] = ()) -> list[Hop]:
+    """The cheapest chain covering [start, end), or NoRouteError naming the first gap."""
+    if not 0 <= start < end:
+        raise ValueError(f"cannot route the empty block range [{start}, {end})")
+    excluded = set(excluded)
+    servers = sorted((r for r in records if usable(r, now_ms, needed_tokens, options, excluded)),
+                     key=lambda r: r.peer_id)
+    if not servers:
+        raise NoRouteError(f"no usable server for blocks [{start}, {end})")
+    boundaries = sorted({start, end} | {b for r in servers for b in (r.start, r.end) if start < b < end})
+    ids = [peer_id_to_str(r.peer_id) for r in servers]
+
+    def hop_ms(prev: int | None, nxt: int) -> float:
+        if prev is None:
+            return options.client_rtts_ms.get(ids[nxt], 2 * DEFAULT_HOP_MS) / 2
+        rtt = servers[prev].rtt_to(servers[nxt].peer_id)
+        return rtt / 2 if rtt is not None else DEFAULT_HOP_MS
+
+    # Dijkstra over (boundary, last server index or -1 for the client)
+    best: dict[tuple[int, int], float] = {(start, -1): 0.0}
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+    heap: list[tuple[float, int, int]] = [(0.0, start, -1)]
+    done: tuple[int, int] | None = None
+    while heap:
+        cost, pos, last = heapq.heappop(heap)
+        if cost > best.get((pos, last), float("inf")):
+            continue
+        if pos == end:
+            done = (pos, last)
+            break
+        for i, r in enumerate(servers):
+            if not (r.start <= pos < r.end) or i == last:
+                continue
+            enter = cost + hop_ms(None if last < 0 else last, i)
+            for q in boundaries:
+                if q <= pos or q > r.end:
+                    continue
+                total = enter + (q - pos) * _block_ms(r)
+                if q == end:
+                    total += options.client_rtts_ms.get(ids[i], 2 * DEFAULT_HOP_MS) / 2
+                if total < best.get((q, i), float("inf")):
+                    best[(q, i)] = total
+                    parent[(q, i)] = (pos, last)
+                    heapq.heappush(heap, (total, q, i))
+    if done is None:
+        covered = {b for r in servers for b in range(max(r.start, start), min(r.end, end))}
+        gap = next(b for b in range(start, end) if b not in covered) if len(covered) < end - start \
+            else start
+        raise NoRouteError(f"no chain of usable servers covers blocks [{start}, {end}); "
+                           f"block {gap} has no server")
+    hops: list[Hop] = []
+    state = done
+    while state[1] >= 0:
+        prev = parent[state]
+        r = servers[state[1]]
+        hops.append(Hop(ids[state[1]], prev[0], state[0], r.addrs))
+        state = prev
+    hops.reverse()
+    return _merge_adjacent(hops)
+
+
+def _merge_adjacent(hops: list[Hop]) -> list[Hop]:
+    """Consecutive hops on the same server become one (a server never pushes to itself)."""
+    out: list[Hop] = []
+    for h in hops:
+        if out and out[-1].peer_id == h.peer_id and out[-1].end == h.start:
+            out[-1] = Hop(h.peer_id, out[-1].start, h.end, h.addrs)
+        else:
+            out.append(h)
+    return out
+
+
+def describe_route(hops: list[Hop]) -> str:
+    return " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end})" for h in hops)
