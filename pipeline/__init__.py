@@ -10,7 +10,7 @@ from ._checkpoint import (Checkpoint, LoadReport, check_device, load_client_head
 from ._config import SUPPORTED_ARCHITECTURES, ModelConfig
 from ._errors import (CacheError, CheckpointNotFoundError, ConfigError, InvalidSpanError,
                       LaminaError, ModelLoadError, UnsupportedDtypeError, UnsupportedModelError)
-from ._generation import GenerationConfig, generate, next_tokens
+from ._generation import GenerationConfig, agenerate, generate, next_tokens
 from ._local import CausalLMOutput, LocalModelForCausalLM
 from ._model import ClientHead, KVCache, Segment, Span
 from ._tokenizer import Tokenizer
@@ -19,7 +19,7 @@ __all__ = [
     "Checkpoint", "LoadReport", "check_device", "load_client_head", "load_config", "load_span",
     "model_hash", "resolve_checkpoint", "SUPPORTED_ARCHITECTURES", "ModelConfig", "CacheError",
     "CheckpointNotFoundError", "ConfigError", "InvalidSpanError", "LaminaError", "ModelLoadError",
-    "UnsupportedDtypeError", "UnsupportedModelError", "GenerationConfig", "generate",
+    "UnsupportedDtypeError", "UnsupportedModelError", "GenerationConfig", "agenerate", "generate",
     "next_tokens", "CausalLMOutput", "LocalModelForCausalLM", "ClientHead", "KVCache", "Segment",
     "Span", "Tokenizer",
 ]

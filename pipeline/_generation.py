@@ -12,7 +12,7 @@ streamer gets the prompt first, then each new token, then ``end()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Generator, Iterable, Protocol
 
 import torch
 from torch import Tensor
@@ -104,12 +104,13 @@ def next_tokens(logits: Tensor, ids: Tensor, cfg: GenerationConfig,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def generate(step: StepFn, head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
-             streamer: Streamer | None = None, start: int = 0) -> Tensor:
-    """Prefill `input_ids` at position `start` then decode; returns prompt + new tokens.
-
-    `start` > 0 continues a session whose caches already hold `start` positions.
-    """
+def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
+                    streamer: Streamer | None = None, start: int = 0
+                    ) -> Generator[tuple[Tensor, int], Tensor, Tensor]:
+    """The generation algorithm as a generator: it yields ``(hidden, position)`` for the
+    blocks to run and is sent back their output; it returns prompt + new tokens. `generate` and
+    `agenerate` drive it with a sync or an async step. `start` > 0 continues a session whose
+    caches already hold `start` positions."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -129,7 +130,7 @@ def generate(step: StepFn, head: ClientHead, input_ids: Tensor, cfg: GenerationC
     pos = start
     new_hidden = head.embed(input_ids)
     for _ in range(cfg.max_new_tokens):
-        out = step(new_hidden, pos)
+        out = yield new_hidden, pos
         pos += new_hidden.shape[1]
         logits = head.logits(out[:, -1]).cpu()
         token = next_tokens(logits, ids, cfg, generator)
@@ -146,3 +147,27 @@ def generate(step: StepFn, head: ClientHead, input_ids: Tensor, cfg: GenerationC
         streamer.end()
     return ids
 
+
+def generate(step: StepFn, head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
+             streamer: Streamer | None = None, start: int = 0) -> Tensor:
+    """Prefill `input_ids` at position `start` then decode; returns prompt + new tokens."""
+    loop = generation_loop(head, input_ids, cfg, streamer, start)
+    try:
+        request = next(loop)
+        while True:
+            request = loop.send(step(*request))
+    except StopIteration as done:
+        return done.value
+
+
+async def agenerate(step: Callable[[Tensor, int], Awaitable[Tensor]], head: ClientHead,
+                    input_ids: Tensor, cfg: GenerationConfig, streamer: Streamer | None = None,
+                    start: int = 0) -> Tensor:
+    """`generate` with an async step (a remote chain)."""
+    loop = generation_loop(head, input_ids, cfg, streamer, start)
+    try:
+        request = next(loop)
+        while True:
+            request = loop.send(await step(*request))
+    except StopIteration as done:
+        return done.value

@@ -15,6 +15,11 @@ Streams (each a `p2p.Session`: framed, heartbeated, every read/write under a dea
 
 A step is `hidden [B, T, D]` at positions ``[position, position + T)``. Session ids are random
 128-bit hex strings: knowing one is what lets a peer push steps into that session.
+
+Step ids increase within a session. A node runs a Step whose step_id equals the last one it ran
+(a resend after failover: it rewrites the same positions with the same values, idempotent) or is
+higher; it silently drops a Step with a LOWER step_id (a stale push from an upstream node that
+was replaced, e.g. one that was frozen and woke up). Replay carries the original step ids.
 """
 
 from __future__ import annotations
@@ -98,17 +103,22 @@ class Step(p2p.Message):
 @dataclass(frozen=True)
 class Replay(p2p.Message):
     """Rebuild a fresh session's cache: run `hidden` [B, sum(chunks), D] from position 0 as the
-    original steps did, one chunk after another (same shapes, so bit-identical caches). Each
-    chunk's result is echoed as a StepResult with step_id = first_step_id + chunk index."""
+    original steps did, one chunk after another (same shapes, so bit-identical caches). Chunk k
+    is the original step `step_ids[k]`; its result is echoed as a StepResult with that id (and
+    pushed on when `push`)."""
 
     session_id: str = p2p.field(max_len=32)
-    first_step_id: int = p2p.field(min_value=0, max_value=2**62)
+    step_ids: tuple[int, ...] = p2p.field(min_len=1, max_len=MAX_CHUNKS)
     chunks: tuple[int, ...] = p2p.field(min_len=1, max_len=MAX_CHUNKS)
     hidden: p2p.Tensor = p2p.field(dtypes=HIDDEN_DTYPES, ndim=3)
     push: bool = False
 
     def validate(self) -> None:
         _check_session_id(self.session_id)
+        if len(self.step_ids) != len(self.chunks):
+            raise ValueError("replay needs one step id per chunk")
+        if any(b <= a for a, b in zip(self.step_ids, self.step_ids[1:])):
+            raise ValueError("replay step ids must increase")
         if any(c <= 0 for c in self.chunks):
             raise ValueError("replay chunks must be positive lengths")
         if sum(self.chunks) != self.hidden.shape[1]:
