@@ -23,3 +23,25 @@ __all__ = [
     "next_tokens", "CausalLMOutput", "LocalModelForCausalLM", "ClientHead", "KVCache", "Segment",
     "Span", "Tokenizer",
 ]
+
+# The client library pulls in libp2p (0.6 s to import): load it only when asked for.
+_LAZY = {
+    "DistributedModelForCausalLM": "._client",
+    "AsyncDistributedModelForCausalLM": "._client",
+    "RemoteSession": "._client",
+    "SwarmUnavailableError": "._client",
+    "NoReplacementError": "._chain",
+    "RemoteStepError": "._chain",
+    "TooManyFailuresError": "._chain",
+    "NoRouteError": "._routing",
+    "LocalSwarm": ".launch",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,0 +1,406 @@
+"""An inference session over a push chain of nodes, with failover and replay (async core).
+
+The client opens one `/lamina/inference/1` stream per hop and wires each hop to push its output
+straight to the next one. A step goes client -> n1 -> n2 -> ... and the last node's output comes
+back to the client; every node also echoes its output to the client, which keeps each span
+boundary's inputs (`_history`) so it can replay them.
+
+Failover: a hop whose stream breaks (SIGKILL: milliseconds), whose stream goes silent (SIGSTOP:
+the p2p heartbeat watchdog, about 2.2 s), that an upstream node cannot push to, or that lets a
+step's deadline pass, is replaced by one or more servers covering exactly its blocks (chosen
+from the swarm view, excluding failed peers; waiting up to `failover_deadline` for one to
+appear). The replacement gets the lost span's stored inputs replayed in their original chunking
+(so its cache is bit-identical), is wired between the surviving neighbours, and the interrupted
+step is resent from the replacement. Downstream caches stay valid: a resent step rewrites the
+same positions with the same values. The number of failovers per step is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+import p2p
+
+from ._errors import LaminaError
+from ._protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, PushFailed, Replay,
+                        SessionOpened, SetNextHop, Step, StepFailed, StepResult, new_session_id)
+from ._routing import Hop, NoRouteError, RouteOptions, choose_route, describe_route
+
+log = logging.getLogger("lamina.client")
+
+
+class RemoteStepError(LaminaError):
+    """A node refused a step as malformed: a bug or a mismatch, not a failure to route around."""
+
+
+class NoReplacementError(LaminaError):
+    """A span was lost and no server for it appeared within the failover deadline."""
+
+
+class TooManyFailuresError(LaminaError):
+    """A step failed over more often than `max_failovers`."""
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    open_timeout: float = 15.0          # open a session on one node
+    step_timeout: float = 30.0          # a step's final result, beyond which the slow hop is replaced
+    failover_deadline: float = 30.0     # wait this long for a replacement server to appear
+    max_failovers: int = 8              # per step
+    route_options: RouteOptions = field(default_factory=RouteOptions)
+    show_route: bool = False
+
+
+@dataclass(eq=False)
+class _Link:
+    """One hop of the chain: a node's session and the stream to it."""
+
+    hop: Hop
+    session_id: str
+    stack: AsyncExitStack
+    session: p2p.Session
+    born_step: int                      # the step during which this link was opened
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    broken: BaseException | None = None
+
+    @property
+    def start(self) -> int:
+        return self.hop.start
+
+    @property
+    def end(self) -> int:
+        return self.hop.end
+
+
+class Chain:
+    """A session through the swarm covering blocks [0, num_blocks). Use `open`/`step`/`close`."""
+
+    def __init__(self, host: p2p.Host, view, model_hash: str, num_blocks: int, *, batch: int,
+                 max_length: int, dtype: torch.dtype, config: ChainConfig) -> None:
+        self.host, self.view, self.model_hash = host, view, model_hash
+        self.num_blocks, self.batch, self.max_length = num_blocks, batch, max_length
+        self.dtype, self.config = dtype, config
+        self.links: list[_Link] = []
+        self.position = 0
+        self.failovers = 0                                  # over the chain's life
+        self._excluded: set[str] = set()
+        self._history: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}  # boundary -> pos -> (step, h)
+        self._final: dict[int, torch.Tensor] = {}            # the current step's result
+        self._latest: dict[str, int] = {}                    # session id -> last step id echoed
+        self._current = -1
+        self._step_errors: dict[int, StepFailed] = {}
+        self._push_failed: dict[int, set[str]] = {}         # step id -> session ids that could not push
+        self._next_step = 0
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def open(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        route = await self._route(0, self.num_blocks)
+        self.links = await self._open_links(route, None, born_step=0)
+        if self.config.show_route:
+            log.warning("route: %s", describe_route([link.hop for link in self.links]))
+
+    @property
+    def route(self) -> list[Hop]:
+        return [link.hop for link in self.links]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for link in self.links:
+            await self._drop(link, polite=True)
+        self.links = []
+
+    # --- stepping ----------------------------------------------------------------------
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run every block on hidden [B, T, D] at `position`; returns the last block's output."""
+        if self._closed:
+            raise LaminaError("this inference session is closed")
+        b, t, _ = hidden.shape
+        if b != self.batch:
+            raise ValueError(f"this session was opened for batch {self.batch}, got {b}")
+        if position + t > self.max_length:
+            raise ValueError(f"positions up to {position + t} exceed the session's max_length "
+                             f"{self.max_length}")
+        if position > self.position:
+            raise ValueError(f"step at {position} but the session holds {self.position} positions")
+        hidden = hidden.to(self.dtype).contiguous()
+        step_id = self._next_step
+        self._next_step += 1
+        self._current = step_id
+        self._final.clear()
+        self._remember(0, position, step_id, hidden)
+        await self._send_step(self.links[0], step_id, position, hidden)
+        out = await self._await_final(step_id, position, t)
+        self.position = position + t
+        return out
+
+    async def _await_final(self, step_id: int, position: int, t: int) -> torch.Tensor:
+        failovers = 0
+        deadline = trio.current_time() + self.config.step_timeout
+        resend_to: _Link | None = None
+        while True:
+            if step_id in self._final:
+                return self._final.pop(step_id)
+            if step_id in self._step_errors:
+                err = self._step_errors.pop(step_id)
+                raise RemoteStepError(f"node refused the step ({err.code}): {err.message}")
+            if resend_to is not None and resend_to in self.links:
+                got = self._history.get(resend_to.start, {}).get(position)
+                if got is not None and got[0] == step_id:
+                    try:
+                        await self._send_step(resend_to, step_id, position, got[1])
+                    except p2p.P2PError as e:
+                        resend_to.broken = resend_to.broken or e
+                    resend_to = None
+            bad = self._failed_link(step_id, position, deadline)
+            if bad is not None:
+                failovers += 1
+                self.failovers += 1
+                if failovers > self.config.max_failovers:
+                    raise TooManyFailuresError(
+                        f"step failed over {failovers - 1} times; giving up") from bad.broken
+                resend_to = await self._replace(bad, step_id, position)
+                deadline = trio.current_time() + self.config.step_timeout
+                continue
+            changed = self._changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+
+    def _failed_link(self, step_id: int, position: int, deadline: float) -> _Link | None:
+        for i, link in enumerate(self.links):
+            if link.broken is not None:
+                return link
+            # an upstream node could not push to this one (and this link predates the step)
+            if i > 0 and link.born_step < step_id and \
+                    self.links[i - 1].session_id in self._push_failed.get(step_id, ()):
+                link.broken = p2p.PeerBrokenError(f"upstream node could not push to {link.hop.peer_id}")
+                return link
+        if trio.current_time() >= deadline:
+            # the first hop that has not produced this step's output is the slow one
+            for link in self.links:
+                got = self._history.get(link.end, {}).get(position)
+                if link.end == self.num_blocks or got is None or got[0] != step_id:
+                    link.broken = p2p.PeerTimeoutError(
+                        f"no result from {link.hop.peer_id} within {self.config.step_timeout} s")
+                    return link
+        return None
+
+    async def _send_step(self, link: _Link, step_id: int, position: int, hidden: torch.Tensor) -> None:
+        msg = Step(session_id=link.session_id, step_id=step_id, position=position,
+                   hidden=p2p.Tensor.from_torch(hidden), push=True)
+        with trio.fail_after(self.config.step_timeout):
+            await link.session.send(msg)
+
+    # --- failover ----------------------------------------------------------------------
+    async def _replace(self, bad: _Link, step_id: int, position: int) -> _Link:
+        """Swap `bad` for server(s) covering its blocks; returns the link to resend the step to."""
+        i = self.links.index(bad)
+        log.warning("node %s [%d:%d) failed (%s); rerouting", bad.hop.peer_id, bad.start, bad.end,
+                    bad.broken)
+        self._excluded.add(bad.hop.peer_id)
+        await self._drop(bad, polite=False)
+        deadline = trio.current_time() + self.config.failover_deadline
+        while True:
+            nxt = self.links[i + 1] if i + 1 < len(self.links) else None
+            route = await self._route(bad.start, bad.end, deadline=deadline)
+            try:
+                new = await self._open_links(route, None, born_step=step_id)
+            except _OpenFailed as e:
+                self._excluded.add(e.peer_id)
+                continue
+            try:
+                await self._replay(new, bad.start, position)
+                if nxt is not None:
+                    await self._set_next(new[-1], nxt)
+                if i > 0:
+                    await self._set_next(self.links[i - 1], new[0])
+            except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
+                culprit = next((link for link in new if link.broken is not None), new[0])
+                log.warning("replacement %s failed during replay (%s)", culprit.hop.peer_id, e)
+                self._excluded.add(culprit.hop.peer_id)
+                for link in new:
+                    await self._drop(link, polite=False)
+                continue
+            self.links[i:i + 1] = new
+            if self.config.show_route:
+                log.warning("new route: %s", describe_route(self.route))
+            return new[0]
+
+    async def _replay(self, new: list[_Link], boundary: int, position: int) -> None:
+        """Rebuild the new links' caches from the inputs stored at `boundary` before `position`."""
+        chunks = sorted((pos, sid, h) for pos, (sid, h) in self._history.get(boundary, {}).items()
+                        if pos < position)
+        if not chunks:
+            return
+        expected = 0
+        for pos, _, h in chunks:
+            if pos != expected:
+                raise _ReplayFailed(f"stored inputs at block {boundary} have a gap at {expected}")
+            expected += h.shape[1]
+        for a, b in zip(new, new[1:]):
+            await self._set_next(a, b)
+        step_ids = [sid for _, sid, _ in chunks]
+        msg = Replay(session_id=new[0].session_id, step_ids=tuple(step_ids),
+                     chunks=tuple(h.shape[1] for _, _, h in chunks),
+                     hidden=p2p.Tensor.from_torch(torch.cat([h for _, _, h in chunks], dim=1)),
+                     push=len(new) > 1)
+        last = new[-1]
+        with trio.fail_after(self.config.step_timeout):
+            await new[0].session.send(msg)
+            while True:
+                broken = next((link for link in new if link.broken is not None), None)
+                if broken is not None:
+                    raise _ReplayFailed(f"{broken.hop.peer_id} broke during replay: {broken.broken}")
+                if self._latest.get(last.session_id, -1) >= step_ids[-1]:
+                    return
+                changed = self._changed
+                await changed.wait()
+
+    # --- opening links -----------------------------------------------------------------
+    async def _route(self, start: int, end: int, deadline: float | None = None) -> list[Hop]:
+        deadline = deadline if deadline is not None else trio.current_time() + self.config.failover_deadline
+        while True:
+            try:
+                return choose_route(self.view.servers(self.model_hash), start, end,
+                                    now_ms=int(time.time() * 1000),
+                                    needed_tokens=self.batch * self.max_length,
+                                    options=self.config.route_options, excluded=self._excluded)
+            except NoRouteError as e:
+                if trio.current_time() >= deadline:
+                    raise NoReplacementError(
+                        f"no server for blocks [{start}, {end}) within the "
+                        f"{self.config.failover_deadline:.0f} s failover deadline: {e}") from None
+                with trio.move_on_at(deadline):
+                    await self.view.wait_changed()
+
+    async def _open_links(self, route: list[Hop], nxt: _Link | None, born_step: int) -> list[_Link]:
+        """Open sessions on `route`, last hop first, each pushing to the one after it."""
+        links: list[_Link] = []
+        for hop in reversed(route):
+            try:
+                link = await self._open_link(hop, links[0] if links else nxt, born_step)
+            except BaseException:
+                for opened in links:
+                    await self._drop(opened, polite=True)
+                raise
+            links.insert(0, link)
+        return links
+
+    async def _open_link(self, hop: Hop, nxt: _Link | None, born_step: int) -> _Link:
+        sid = new_session_id()
+        stack = AsyncExitStack()
+        try:
+            with trio.fail_after(self.config.open_timeout):
+                if not self.host.is_connected(hop.peer_id):
+                    for addr in hop.addrs:
+                        try:
+                            await self.host.connect(addr)
+                            break
+                        except (p2p.P2PError, OSError, ValueError):
+                            continue
+                session = await stack.enter_async_context(self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL))
+                await session.send(OpenSession(
+                    session_id=sid, model=self.model_hash, start=hop.start, end=hop.end,
+                    max_length=self.max_length, batch=self.batch, dtype=str(self.dtype).removeprefix("torch."),
+                    next_peer=nxt.hop.peer_id if nxt else None, next_session=nxt.session_id if nxt else None))
+                reply = await session.receive()
+            if not isinstance(reply, SessionOpened) or reply.session_id != sid:
+                raise p2p.RemoteProtocolError(f"expected SessionOpened, got {type(reply).__name__}")
+        except (p2p.P2PError, trio.TooSlowError, OSError) as e:
+            await stack.aclose()
+            log.info("cannot open a session on %s: %s", hop.peer_id, e)
+            raise _OpenFailed(hop.peer_id) from e
+        except BaseException:
+            await stack.aclose()
+            raise
+        link = _Link(hop, sid, stack, session, born_step)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._read, link)
+        return link
+
+    async def _set_next(self, link: _Link, nxt: _Link | None) -> None:
+        with trio.fail_after(self.config.open_timeout):
+            await link.session.send(SetNextHop(
+                session_id=link.session_id, next_peer=nxt.hop.peer_id if nxt else None,
+                next_session=nxt.session_id if nxt else None))
+
+    async def _drop(self, link: _Link, polite: bool) -> None:
+        link.cancel.cancel()
+        if polite and link.broken is None:
+            with trio.move_on_after(2):
+                try:
+                    await link.session.send(CloseSession(session_id=link.session_id))
+                except p2p.P2PError:
+                    pass
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            try:
+                await link.stack.aclose()
+            except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    # --- reading -----------------------------------------------------------------------
+    async def _read(self, link: _Link) -> None:
+        with link.cancel:
+            try:
+                while True:
+                    msg = await link.session.receive()
+                    self._on_message(link, msg)
+            except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                if link.broken is None:
+                    link.broken = e
+            finally:
+                self._wake()
+
+    def _on_message(self, link: _Link, msg: p2p.Message) -> None:
+        if isinstance(msg, StepResult):
+            out = msg.hidden.to_torch()
+            if out.shape[0] != self.batch or out.dtype != self.dtype:
+                link.broken = p2p.RemoteProtocolError(f"{link.hop.peer_id} sent a result of the wrong shape")
+            else:
+                self._latest[link.session_id] = max(msg.step_id, self._latest.get(link.session_id, -1))
+                if link.end == self.num_blocks:
+                    if msg.step_id == self._current:
+                        self._final.setdefault(msg.step_id, out)
+                else:
+                    self._remember(link.end, msg.position, msg.step_id, out)
+        elif isinstance(msg, StepFailed):
+            if msg.code == "bad_request":
+                self._step_errors[msg.step_id] = msg
+            else:
+                link.broken = p2p.RemoteError(msg.code, msg.message)
+        elif isinstance(msg, PushFailed):
+            self._push_failed.setdefault(msg.step_id, set()).add(msg.session_id)
+        self._wake()
+
+    def _remember(self, boundary: int, position: int, step_id: int, hidden: torch.Tensor) -> None:
+        store = self._history.setdefault(boundary, {})
+        # a rollback (position already stored) discards everything from there on
+        for pos in [p for p in store if p > position]:
+            del store[pos]
+        store[position] = (step_id, hidden)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class _OpenFailed(Exception):
+    def __init__(self, peer_id: str) -> None:
+        super().__init__(peer_id)
+        self.peer_id = peer_id
+
+
+class _ReplayFailed(Exception):
+    pass

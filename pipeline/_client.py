@@ -1,0 +1,350 @@
+"""The client library, Hugging Face style.
+
+    from pipeline import DistributedModelForCausalLM
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=[...]) as model:
+        out = model.generate(input_ids, max_new_tokens=32)
+        logits = model(input_ids).logits
+        with model.inference_session(max_length=256) as session:
+            a = model.generate(prompt, max_new_tokens=8, session=session)
+            b = model.generate(more_ids, max_new_tokens=8, session=session)   # continues
+
+The client loads only the embeddings, final norm and LM head; every block runs on the swarm.
+`AsyncDistributedModelForCausalLM` is the trio-native API; `DistributedModelForCausalLM`
+runs it on a dedicated trio thread, so it works from plain scripts and from Jupyter (where an
+event loop is already running in the caller's thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import torch
+import trio
+
+import p2p
+
+from ._chain import Chain, ChainConfig
+from ._checkpoint import Checkpoint, load_client_head
+from ._errors import LaminaError
+from ._generation import GenerationConfig, Streamer, agenerate
+from ._local import CausalLMOutput
+from ._routing import RouteOptions
+from ._swarm import SWARM_TOPIC, SwarmView
+from ._tokenizer import Tokenizer
+
+log = logging.getLogger("lamina.client")
+
+
+class SwarmUnavailableError(LaminaError):
+    """The swarm could not be reached, or does not serve this model."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    connect_timeout: float = 30.0       # reach a peer and see servers for the model
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    max_length: int = 2048              # default max_length of implicit sessions (capped by the model)
+
+
+def _options(kwargs: dict[str, Any]) -> ClientOptions:
+    chain_fields = set(ChainConfig.__dataclass_fields__)
+    route = RouteOptions(
+        allowed_peers=frozenset(kwargs.pop("allowed_servers")) if kwargs.get("allowed_servers") else None,
+        blocked_peers=frozenset(kwargs.pop("blocked_servers", None) or ()))
+    kwargs.pop("allowed_servers", None)
+    chain = ChainConfig(route_options=route, **{k: kwargs.pop(k) for k in list(kwargs) if k in chain_fields})
+    opts = ClientOptions(chain=chain, **{k: kwargs.pop(k) for k in list(kwargs)
+                                         if k in ("connect_timeout", "max_length")})
+    if kwargs:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(kwargs))}")
+    return opts
+
+
+class RemoteSession:
+    """Server-side caches kept across calls: a chain through the swarm plus where it stands."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.pending: torch.Tensor | None = None     # generated tokens not yet run through the blocks
+
+    @property
+    def position(self) -> int:
+        return self.chain.position
+
+    @property
+    def route(self):
+        return self.chain.route
+
+
+class AsyncDistributedModelForCausalLM:
+    """Trio-native client. Create with `async with ...from_pretrained(...) as model`."""
+
+    def __init__(self, checkpoint: Checkpoint, host: p2p.Host, view: SwarmView, head,
+                 options: ClientOptions, dtype: torch.dtype, nursery: trio.Nursery) -> None:
+        self.checkpoint, self.config = checkpoint, checkpoint.config
+        self.host, self.view, self.head = host, view, head
+        self.options, self.dtype, self._nursery = options, dtype, nursery
+        self.tokenizer = Tokenizer.from_checkpoint(checkpoint.path)
+        self.model_hash = checkpoint.model_hash
+
+    @classmethod
+    @asynccontextmanager
+    async def from_pretrained(cls, name_or_path: str | os.PathLike, *, initial_peers: Sequence[str],
+                              device: str = "cpu", dtype: str | torch.dtype = "auto",
+                              identity: p2p.Identity | None = None, **options: Any
+                              ) -> AsyncIterator["AsyncDistributedModelForCausalLM"]:
+        opts = _options(dict(options))
+        if not initial_peers:
+            raise SwarmUnavailableError("initial_peers is empty: give at least one multiaddr of the swarm")
+        checkpoint = Checkpoint(name_or_path)
+        head = load_client_head(checkpoint, device, dtype)
+        config = p2p.HostConfig(identity=identity or p2p.Identity.generate(),
+                                listen_addrs=["/ip4/127.0.0.1/tcp/0"], bootstrap_peers=list(initial_peers),
+                                dht_mode="client", gossip_topics=[SWARM_TOPIC])
+        async with p2p.open_host(config) as host, trio.open_nursery() as nursery:
+            view = SwarmView(host)
+            await nursery.start(view.serve)
+            model = cls(checkpoint, host, view, head, opts, head.dtype, nursery)
+            await model._wait_for_servers()
+            try:
+                yield model
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _wait_for_servers(self) -> None:
+        if not self.host.connected_peers():
+            raise SwarmUnavailableError("could not reach any of initial_peers")
+        blocks = self.config.num_hidden_layers
+        with trio.move_on_after(self.options.connect_timeout):
+            await self.view.wait_until(lambda _state: self._covered(blocks))
+            return
+        raise SwarmUnavailableError(
+            f"the swarm does not serve every block of this model (config hash "
+            f"{self.model_hash[:12]}) after {self.options.connect_timeout:.0f} s")
+
+    def _covered(self, blocks: int) -> bool:
+        covered = set()
+        for r in self.view.servers(self.model_hash):
+            covered.update(range(r.start, r.end))
+        return len(covered) >= blocks
+
+    # --- sessions ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def inference_session(self, max_length: int | None = None, batch: int = 1
+                                ) -> AsyncIterator[RemoteSession]:
+        max_length = max_length or min(self.options.max_length, self.config.max_position_embeddings)
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds the model's "
+                             f"{self.config.max_position_embeddings} positions")
+        chain = Chain(self.host, self.view, self.model_hash, self.config.num_hidden_layers,
+                      batch=batch, max_length=max_length, dtype=self.dtype, config=self.options.chain)
+        async with trio.open_nursery() as nursery:
+            try:
+                await chain.open(nursery)
+                yield RemoteSession(chain)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await chain.close()
+                nursery.cancel_scope.cancel()
+
+    # --- HF-style calls ------------------------------------------------------------------
+    async def forward(self, input_ids: torch.Tensor, session: RemoteSession | None = None) -> CausalLMOutput:
+        ids = _as_batch(input_ids)
+        if session is not None:
+            run = ids if session.pending is None else torch.cat([session.pending, ids], dim=1)
+            hidden = await session.chain.step(self.head.embed(run), session.position)
+            session.pending = None
+            return CausalLMOutput(self.head.logits(hidden[:, run.shape[1] - ids.shape[1]:]))
+        async with self.inference_session(max_length=ids.shape[1], batch=ids.shape[0]) as s:
+            hidden = await s.chain.step(self.head.embed(ids), 0)
+        return CausalLMOutput(self.head.logits(hidden))
+
+    async def generate(self, input_ids: torch.Tensor | None, *, streamer: Streamer | None = None,
+                       session: RemoteSession | None = None, **generation: Any) -> torch.Tensor:
+        cfg = GenerationConfig.build(self.config.eos_token_ids, **generation)
+        if input_ids is None:
+            # continue a session from the token its last generate call produced
+            if session is None or session.pending is None:
+                raise ValueError("input_ids=None continues an inference session; there is none to continue")
+            ids = session.pending[:, :0]
+        else:
+            ids = _as_batch(input_ids)
+        if session is None:
+            max_length = ids.shape[1] + cfg.max_new_tokens
+            async with self.inference_session(max_length=max_length, batch=ids.shape[0]) as s:
+                return await self._generate_in(s, ids, cfg, streamer)
+        return await self._generate_in(session, ids, cfg, streamer)
+
+    async def _generate_in(self, session: RemoteSession, ids: torch.Tensor, cfg: GenerationConfig,
+                           streamer: Streamer | None) -> torch.Tensor:
+        run = ids if session.pending is None else torch.cat([session.pending, ids], dim=1)
+        start = session.position
+        if start + run.shape[1] + cfg.max_new_tokens > session.chain.max_length + 1:
+            raise ValueError(f"the session's max_length {session.chain.max_length} is too short "
+                             f"for {start} + {run.shape[1]} + {cfg.max_new_tokens} tokens")
+        out = await agenerate(session.chain.step, self.head, run, cfg, streamer, start=start)
+        # the last token generated has not been run through the blocks yet (and with
+        # max_new_tokens=0, nothing has): it opens the next call on this session
+        session.pending = out[:, -1:] if out.shape[1] > run.shape[1] else run
+        return out[:, run.shape[1] - ids.shape[1]:]
+
+
+def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(input_ids)
+    ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {list(ids.shape)}")
+    return ids.long()
+
+
+class _TrioThread:
+    """A trio event loop on a daemon thread; sync code submits coroutines to it."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self.nursery: trio.Nursery | None = None
+        self._thread = threading.Thread(target=self._main, name="lamina-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._amain)
+        except BaseException as e:  # surfaced to the caller of run()
+            self._error = e
+            self._ready.set()
+
+    async def _amain(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def run(self, afn, *args):
+        if self.token is None:
+            raise RuntimeError("the client's event loop is not running") from self._error
+        return trio.from_thread.run(afn, *args, trio_token=self.token)
+
+    def stop(self) -> None:
+        if self.token is not None and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(timeout=10)
+
+
+class DistributedModelForCausalLM:
+    """Synchronous client: `from_pretrained(...)`, `model(ids).logits`, `generate`,
+    `inference_session`, `close` (or use it as a context manager)."""
+
+    def __init__(self, runner: _TrioThread, model: AsyncDistributedModelForCausalLM, stop) -> None:
+        self._runner, self._model, self._stop_model = runner, model, stop
+        self._active: RemoteSession | None = None
+        self.config, self.tokenizer, self.head = model.config, model.tokenizer, model.head
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, initial_peers: Sequence[str],
+                        **options: Any) -> "DistributedModelForCausalLM":
+        runner = _TrioThread()
+        ready: dict[str, Any] = {}
+
+        async def keep_open(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            stop = trio.Event()
+            async with AsyncDistributedModelForCausalLM.from_pretrained(
+                    name_or_path, initial_peers=initial_peers, **options) as model:
+                ready["model"], ready["stop"] = model, stop
+                task_status.started()
+                await stop.wait()
+
+        async def start() -> None:
+            assert runner.nursery is not None
+            try:
+                await runner.nursery.start(keep_open)
+            except BaseExceptionGroup as eg:  # noqa: F821 - py3.11 builtin
+                raise _first_error(eg) from None
+
+        try:
+            runner.run(start)
+        except BaseException:
+            runner.stop()
+            raise
+        return cls(runner, ready["model"], ready["stop"])
+
+    @property
+    def route(self):
+        return self._active.route if self._active else None
+
+    def __call__(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        return self._runner.run(lambda: self._model.forward(input_ids, self._active))
+
+    def generate(self, input_ids: torch.Tensor, *, streamer: Streamer | None = None,
+                 session: RemoteSession | None = None, **generation: Any) -> torch.Tensor:
+        session = session or self._active
+        return self._runner.run(lambda: self._model.generate(
+            input_ids, streamer=streamer, session=session, **generation))
+
+    @contextmanager
+    def inference_session(self, max_length: int | None = None, batch: int = 1) -> Iterator[RemoteSession]:
+        holder: dict[str, Any] = {}
+
+        async def keep(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            done = trio.Event()
+            async with self._model.inference_session(max_length, batch) as session:
+                holder["session"], holder["done"] = session, done
+                task_status.started()
+                await done.wait()
+
+        async def start() -> None:
+            assert self._runner.nursery is not None
+            try:
+                await self._runner.nursery.start(keep)
+            except BaseExceptionGroup as eg:  # noqa: F821
+                raise _first_error(eg) from None
+
+        self._runner.run(start)
+        previous, self._active = self._active, holder["session"]
+        try:
+            yield holder["session"]
+        finally:
+            self._active = previous
+            self._runner.run(_set_async, holder["done"])
+
+    def close(self) -> None:
+        if self._runner is None:
+            return
+        try:
+            self._runner.run(_set_async, self._stop_model)
+        except trio.RunFinishedError:
+            pass
+        self._runner.stop()
+        self._runner = None
+
+    def __enter__(self) -> "DistributedModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def _set_async(event: trio.Event) -> None:
+    event.set()
+
+
+def _first_error(eg: BaseException) -> BaseException:
+    while isinstance(eg, BaseExceptionGroup):  # noqa: F821
+        eg = eg.exceptions[0]
+    return eg
