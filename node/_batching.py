@@ -1,0 +1,160 @@
+"""Batching across sessions: one compute loop turns every session's pending step into one
+`Span.forward_segments` pass.
+
+Sessions call ``await batcher.run(span, hidden, start, cache)``. The loop takes every pending
+job, gives each its next piece (a decode step whole; a long prompt `PREFILL_CHUNK` tokens at a
+time) until a pass holds `MAX_PASS_TOKENS` tokens, and runs the pieces as one pass in the compute
+worker thread (torch releases the GIL; the event loop keeps serving heartbeats meanwhile). A
+partly done prompt goes to the back of the queue, so decode steps that arrived during a pass run
+in the next one: one long prompt never stalls everyone.
+
+Jobs are validated by the caller (`_sessions.check_step`) before they get here, so a pass only
+fails on a bug or an out-of-memory; then each piece is retried alone, so a failure stays with the
+job that caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from pipeline import KVCache, Segment, Span
+
+logger = logging.getLogger("lamina.node")
+
+PREFILL_CHUNK = 128  # tokens per piece of a long prompt
+MAX_PASS_TOKENS = 512  # tokens (rows x positions) per pass, beyond the first piece
+
+
+@dataclass(eq=False)
+class _Job:
+    span: Span
+    hidden: torch.Tensor  # [B, T, D] in the span's dtype and device
+    start: int
+    cache: KVCache
+    done: int = 0  # positions already computed
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    finished: trio.Event = field(default_factory=trio.Event)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+    abandoned: bool = False
+
+    def next_piece(self) -> int:
+        return min(self.hidden.shape[1] - self.done, PREFILL_CHUNK)
+
+
+@dataclass
+class BatchStats:
+    passes: int = 0  # forward passes run
+    batched_passes: int = 0  # passes that held more than one segment
+    segments: int = 0
+    max_segments: int = 0
+    tokens: int = 0
+
+
+class Batcher:
+    """The node's single compute loop. Start `serve` in a nursery; call `run` from sessions."""
+
+    def __init__(self) -> None:
+        self._queue: deque[_Job] = deque()
+        self._wakeup = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)  # one compute worker thread
+        self.stats = BatchStats()
+
+    async def run(self, span: Span, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """Run one session's step (batched with whatever else is pending); the output
+        [B, T, D]. Raises what the forward pass raised for this job."""
+        job = _Job(span, hidden, start, cache)
+        self._queue.append(job)
+        self._wakeup.set()
+        try:
+            await job.finished.wait()
+        except BaseException:
+            job.abandoned = True  # cancelled: the loop drops it (or ignores its result)
+            raise
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            while not self._queue:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            batch = self._take()
+            if batch:
+                await self._pass(batch)
+
+    def _take(self) -> list[tuple[_Job, int]]:
+        """Pieces for the next pass: (job, tokens), at most one piece per job."""
+        batch: list[tuple[_Job, int]] = []
+        budget = MAX_PASS_TOKENS
+        for _ in range(len(self._queue)):
+            job = self._queue.popleft()
+            if job.abandoned:
+                continue
+            t = job.next_piece()
+            cost = t * job.hidden.shape[0]
+            if batch and cost > budget:
+                self._queue.append(job)
+                continue
+            budget -= cost
+            batch.append((job, t))
+        return batch
+
+    async def _pass(self, batch: list[tuple[_Job, int]]) -> None:
+        by_span: dict[int, list[tuple[_Job, int]]] = {}
+        for job, t in batch:
+            by_span.setdefault(id(job.span), []).append((job, t))
+        groups = list(by_span.values())
+        outcome = await trio.to_thread.run_sync(_compute, groups, limiter=self._limiter)
+        self.stats.passes += 1
+        self.stats.segments += len(batch)
+        self.stats.max_segments = max(self.stats.max_segments, len(batch))
+        if len(batch) > 1:
+            self.stats.batched_passes += 1
+        for (job, t), out in zip([p for g in groups for p in g], outcome):
+            self.stats.tokens += t * job.hidden.shape[0]
+            if isinstance(out, BaseException):
+                job.error = out
+                job.finished.set()
+                continue
+            job.outputs.append(out)
+            job.done += t
+            if job.done < job.hidden.shape[1]:
+                if not job.abandoned:
+                    self._queue.append(job)  # the rest of a long prompt, behind newer steps
+                continue
+            job.result = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1)
+            job.finished.set()
+
+
+def _segments(group: list[tuple[_Job, int]]) -> list[Segment]:
+    return [Segment(job.hidden[:, job.done:job.done + t], job.start + job.done, job.cache)
+            for job, t in group]
+
+
+def _compute(groups: list[list[tuple[_Job, int]]]) -> list[torch.Tensor | BaseException]:
+    """Runs in the worker thread: one forward_segments per span in the pass."""
+    out: list[torch.Tensor | BaseException] = []
+    for group in groups:
+        span = group[0][0].span
+        try:
+            out.extend(span.forward_segments(_segments(group)))
+        except Exception as exc:  # isolate: retry each piece alone
+            if len(group) == 1:
+                out.append(exc)
+                continue
+            logger.warning("a batched pass failed (%r); retrying its %d pieces alone", exc, len(group))
+            for piece in group:
+                try:
+                    out.extend(span.forward_segments(_segments([piece])))
+                except Exception as exc1:
+                    out.append(exc1)
+    return out

@@ -1,0 +1,96 @@
+"""`NodeConfig`: everything a node needs, in one validated dataclass (the CLI builds one)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
+DEFAULT_MAX_SESSIONS = 128
+DEFAULT_HEARTBEAT = 10.0  # seconds between announcements of our record
+DEFAULT_SESSION_IDLE_TIMEOUT = 120.0  # a session with no step for this long is closed
+DEFAULT_DRAIN_TIMEOUT = 60.0  # on SIGTERM, running sessions get this long to finish
+DEFAULT_REBALANCE_INTERVAL = 600.0  # how often a --num-blocks node checks for a weaker span
+DEFAULT_JOIN_WAIT = 10.0  # how long a --num-blocks node waits to learn the swarm before choosing
+DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def default_cache_dir() -> Path:
+    """Where measured throughputs are kept: $LAMINA_CACHE or ~/.cache/lamina."""
+    env = os.environ.get("LAMINA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lamina"
+
+
+@dataclass
+class NodeConfig:
+    """One node. Exactly one of `blocks` / `num_blocks`; `new_swarm` or `initial_peers`."""
+
+    model: str
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    announce_addrs: list[str] = field(default_factory=list)
+    new_swarm: bool = False
+    initial_peers: list[str] = field(default_factory=list)
+    identity: Path | None = None  # key file (created if missing); None: a fresh identity per run
+    device: str = "cpu"
+    dtype: str = "auto"
+    public_name: str = ""
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    cache_tokens: int | None = None  # None: half of the device's free memory
+    num_threads: int | None = None  # torch intra-op threads (None: torch's choice)
+    heartbeat: float = DEFAULT_HEARTBEAT
+    lease: float | None = None  # None: the announcer's default (a few heartbeats)
+    session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    rebalance_interval: float = DEFAULT_REBALANCE_INTERVAL  # 0: never rebalance
+    join_wait: float = DEFAULT_JOIN_WAIT
+    cache_dir: Path = field(default_factory=default_cache_dir)
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir).expanduser()
+        if self.identity is not None:
+            self.identity = Path(self.identity).expanduser()
+        if self.blocks is not None:
+            self.blocks = (int(self.blocks[0]), int(self.blocks[1]))
+        if not self.model:
+            raise ValueError("--model is required")
+        if (self.blocks is None) == (self.num_blocks is None):
+            raise ValueError("give exactly one of --blocks A:B and --num-blocks N")
+        if self.blocks is not None:
+            a, b = self.blocks
+            if not 0 <= a < b:
+                raise ValueError(f"--blocks {a}:{b} is not a non-empty range A:B with 0 <= A < B")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("--num-blocks must be >= 1")
+        if self.new_swarm and self.initial_peers:
+            raise ValueError("--new-swarm starts a swarm alone: it takes no --initial-peers")
+        if not self.new_swarm and not self.initial_peers:
+            raise ValueError("give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm to start one")
+        if not self.listen:
+            raise ValueError("--listen needs at least one multiaddr")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)} (optionally cuda:N)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if len(self.public_name.encode()) > 64:
+            raise ValueError("--public-name is at most 64 bytes")
+        if self.max_sessions < 1:
+            raise ValueError("--max-sessions must be >= 1")
+        if self.cache_tokens is not None and self.cache_tokens < 1:
+            raise ValueError("--cache-tokens must be >= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("--num-threads must be >= 1")
+        for name in ("heartbeat", "session_idle_timeout", "join_wait"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+        for name in ("drain_timeout", "rebalance_interval"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 seconds")
+        if self.lease is not None and not (math.isfinite(self.lease) and self.lease > self.heartbeat):
+            raise ValueError("--lease must be longer than --heartbeat")
