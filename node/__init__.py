@@ -1,1 +1,52 @@
-"""lamina node package."""
+"""lamina's node: `run-node` serves a span of a model's blocks over the mesh.
+
+In-process use (tests, embedding)::
+
+    config = NodeConfig(model="path/to/model", blocks=(0, 4), new_swarm=True)
+    async with trio.open_nursery() as nursery:
+        node = await nursery.start(serve_node, config)   # serving from here on
+        ...
+        node.request_drain()                             # serve_node returns once drained
+
+Pieces: `SpanServer` (the node side of `pipeline._protocol`), `Batcher` (one forward pass for
+every pending session step), `CacheBudget` (KV memory), `choose_blocks` / `should_rebalance`
+(pure block selection).
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Re-exported lazily (PEP 562): `run-node --help` and a bad flag answer without importing torch
+# and py-libp2p, which take seconds.
+_EXPORTS = {
+    "._batching": ("MAX_PASS_TOKENS", "PREFILL_CHUNK", "Batcher", "BatchStats"),
+    "._blocks": ("MIN_SERVER_THROUGHPUT", "REBALANCE_GAIN", "choose_blocks", "coverage", "should_rebalance",
+                 "weakest_window"),
+    "._config": ("NodeConfig",),
+    "._node": ("Node", "serve_node"),
+    "._server": ("ServerState", "SpanServer", "sub_span"),
+    "._sessions": ("BAD_REQUEST", "BUSY", "DRAINING", "IDLE_TIMEOUT", "INTERNAL", "UNKNOWN_SESSION",
+                   "CacheBudget", "StepError"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._batching import MAX_PASS_TOKENS, PREFILL_CHUNK, Batcher, BatchStats
+    from ._blocks import (MIN_SERVER_THROUGHPUT, REBALANCE_GAIN, choose_blocks, coverage,
+                          should_rebalance, weakest_window)
+    from ._config import NodeConfig
+    from ._node import Node, serve_node
+    from ._server import ServerState, SpanServer, sub_span
+    from ._sessions import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INTERNAL, UNKNOWN_SESSION,
+                            CacheBudget, StepError)

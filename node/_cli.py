@@ -1,0 +1,215 @@
+"""`run-node`: serve a span of a model's blocks over the lamina mesh.
+
+Once serving it prints exactly one line to stdout (everything else goes to stderr)::
+
+    serving blocks 0:16 at /ip4/192.168.1.5/tcp/31337/p2p/12D3... /ip4/127.0.0.1/tcp/31337/p2p/12D3...
+
+SIGTERM or SIGINT drains the node (see `node._node`) and exits 0; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from ._config import (DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_JOIN_WAIT, DEFAULT_LISTEN,
+                      DEFAULT_MAX_SESSIONS, DEFAULT_REBALANCE_INTERVAL, DEFAULT_SESSION_IDLE_TIMEOUT,
+                      DEVICES, DTYPES, NodeConfig, default_cache_dir)
+
+PROG = "run-node"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line, exit 2 (argparse's default also prints the whole usage)."""
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B (e.g. 0:16)") from None
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-empty range A:B with 0 <= A < B")
+    return a, b
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def _multiaddr(*, peer: bool):
+    def parse(text: str) -> str:
+        import multiaddr
+
+        try:
+            ma = multiaddr.Multiaddr(text)
+            names = [p.name for p in ma.protocols()]
+        except Exception:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a multiaddr") from None
+        if len(names) < 2 or names[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or names[1] != "tcp":
+            raise argparse.ArgumentTypeError(f"{text!r} is not a TCP multiaddr (/ip4/<ip>/tcp/<port>...)")
+        if peer and names[2:] != ["p2p"]:
+            raise argparse.ArgumentTypeError(f"{text!r} needs a /p2p/<peer id> suffix")
+        if not peer and names[2:] not in ([], ["p2p"]):
+            raise argparse.ArgumentTypeError(f"{text!r} is not /ip4/<ip>/tcp/<port>")
+        return text
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Serve a span of a model's transformer blocks over the lamina mesh. "
+                "Prints one line 'serving blocks A:B at MULTIADDR...' to stdout once serving; "
+                "SIGTERM/SIGINT drains (no new sessions, running ones finish) and exits 0.")
+    p.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
+                   help="checkpoint directory (Hugging Face format) or a hub id in the local HF cache")
+    blocks = p.add_mutually_exclusive_group(required=True)
+    blocks.add_argument("--blocks", type=_blocks, metavar="A:B", help="serve blocks [A, B)")
+    blocks.add_argument("--num-blocks", type=_positive_int, metavar="N",
+                        help="serve N consecutive blocks where the swarm is weakest (and rebalance later)")
+    p.add_argument("--listen", nargs="+", type=_multiaddr(peer=False), metavar="MULTIADDR",
+                   help=f"addresses to listen on (default: {DEFAULT_LISTEN}, all interfaces, a free TCP port)")
+    p.add_argument("--announce-addr", nargs="+", type=_multiaddr(peer=False), default=[], metavar="MULTIADDR",
+                   help="addresses to announce instead of the listen addresses (public IP, port forwarding)")
+    swarm = p.add_mutually_exclusive_group(required=True)
+    swarm.add_argument("--new-swarm", action="store_true", help="start a new swarm alone")
+    swarm.add_argument("--initial-peers", nargs="+", type=_multiaddr(peer=True), metavar="MULTIADDR",
+                       help="full multiaddrs (/ip4/../tcp/../p2p/ID) of peers of the swarm to join")
+    p.add_argument("--identity", metavar="FILE",
+                   help="private key file, created if missing, so the peer id survives restarts "
+                        "(default: a new identity every run)")
+    p.add_argument("--device", default="cpu", metavar="|".join(DEVICES),
+                   help="where to compute: cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype; auto is the checkpoint's own (default: auto)")
+    p.add_argument("--public-name", default="", metavar="NAME", help="a name shown to the swarm (<= 64 bytes)")
+    p.add_argument("--max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+                   help=f"most concurrent inference sessions (default: {DEFAULT_MAX_SESSIONS})")
+    p.add_argument("--cache-tokens", type=_positive_int, metavar="N",
+                   help="KV-cache budget in tokens (a session takes batch x max_length); "
+                        "default: half the device's free memory")
+    p.add_argument("--num-threads", type=_positive_int, metavar="N",
+                   help="torch intra-op threads (default: torch's choice; use 1 when cores are shared)")
+    p.add_argument("--heartbeat", type=_seconds, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
+                   help=f"seconds between announcements of this node's record (default: {DEFAULT_HEARTBEAT:g})")
+    p.add_argument("--lease", type=_seconds, metavar="SECONDS",
+                   help="lifetime of each announced record (default: 4 heartbeats)")
+    p.add_argument("--session-idle-timeout", type=_seconds, default=DEFAULT_SESSION_IDLE_TIMEOUT,
+                   metavar="SECONDS", help="close a session that sent no step for this long "
+                                           f"(default: {DEFAULT_SESSION_IDLE_TIMEOUT:g})")
+    p.add_argument("--drain-timeout", type=_seconds, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+                   help=f"on SIGTERM, how long running sessions may go on (default: {DEFAULT_DRAIN_TIMEOUT:g})")
+    p.add_argument("--rebalance-interval", type=_seconds, default=DEFAULT_REBALANCE_INTERVAL, metavar="SECONDS",
+                   help="with --num-blocks, how often to check for a much weaker span; 0 never "
+                        f"(default: {DEFAULT_REBALANCE_INTERVAL:g})")
+    p.add_argument("--join-wait", type=_seconds, default=DEFAULT_JOIN_WAIT, metavar="SECONDS",
+                   help="with --num-blocks, how long to wait for the swarm's records before choosing "
+                        f"(default: {DEFAULT_JOIN_WAIT:g})")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help=f"where measured throughputs are cached (default: $LAMINA_CACHE or {default_cache_dir()})")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="stderr log level (default: INFO)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    from pathlib import Path
+
+    return NodeConfig(
+        model=args.model, blocks=args.blocks, num_blocks=args.num_blocks,
+        listen=args.listen or [DEFAULT_LISTEN], announce_addrs=args.announce_addr,
+        new_swarm=args.new_swarm, initial_peers=args.initial_peers or [],
+        identity=Path(args.identity) if args.identity else None, device=args.device, dtype=args.dtype,
+        public_name=args.public_name, max_sessions=args.max_sessions, cache_tokens=args.cache_tokens,
+        num_threads=args.num_threads, heartbeat=args.heartbeat, lease=args.lease,
+        session_idle_timeout=args.session_idle_timeout, drain_timeout=args.drain_timeout,
+        rebalance_interval=args.rebalance_interval, join_wait=args.join_wait,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+    )
+
+
+async def _run(config: NodeConfig) -> None:
+    import trio
+
+    from ._node import Node, serve_node
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            running: list[Node] = []
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if running and not running[0].draining:
+                        logging.getLogger("lamina.node").info("%s: draining (send it again to stop at once)", name)
+                        running[0].request_drain()
+                    else:
+                        logging.getLogger("lamina.node").info("%s: stopping now", name)
+                        nursery.cancel_scope.cancel()
+
+            async def serve(task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve_node(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop listening for signals
+
+            nursery.start_soon(on_signals)
+            node = await nursery.start(serve)
+            running.append(node)
+            a, b = node.blocks
+            print(f"serving blocks {a}:{b} at {' '.join(node.addrs)}", flush=True)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import trio
+
+    from pipeline import LaminaError
+
+    try:
+        trio.run(_run, config)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - one clear line for expected failures
+        leaf = _leaf(exc)
+        if isinstance(leaf, (LaminaError, ValueError, OSError)):
+            print(f"{PROG}: error: {leaf}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

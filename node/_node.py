@@ -1,0 +1,234 @@
+"""A node's life: join the swarm, choose blocks, load them, serve, rebalance, drain, leave.
+
+`serve_node(config)` is one trio service (``node = await nursery.start(serve_node, config)``):
+it owns the host and one nursery holding everything else (swarm view, announcer, batcher, RTT
+and rebalance loops). It reports ready with the running `Node` once the span serves and its
+ONLINE record is published; `Node.request_drain()` (SIGTERM in `run-node`) makes it drain:
+
+1. state DRAINING, announced at once: no new session picks this node, and OpenSession is
+   refused with "draining";
+2. running sessions go on until they close, up to `NodeConfig.drain_timeout`;
+3. an OFFLINE record is published, the host closes, `serve_node` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import trio
+
+import crdt
+import p2p
+from pipeline import Checkpoint, InvalidSpanError, Span, load_span
+from pipeline._swarm import Announcer, SwarmView, now_ms, signer_for, swarm_topics
+
+from ._announce import (RTT_INTERVAL, learn_addrs, measure_rtts, next_block_servers, record_fields,
+                        span_throughput)
+from ._batching import Batcher
+from ._blocks import choose_blocks, should_rebalance
+from ._config import NodeConfig
+from ._server import VERSION, ServerState, SpanServer
+from ._sessions import CacheBudget, default_cache_tokens
+
+logger = logging.getLogger("lamina.node")
+
+
+def model_id(checkpoint: Checkpoint) -> crdt.ModelId:
+    """The model as announced: a short name and the config hash clients match on."""
+    name = checkpoint.name
+    path = Path(name)
+    if path.is_dir() or name.startswith(("/", ".")):
+        name = path.resolve().name or "model"
+    return crdt.ModelId(name.encode()[:128].decode(errors="ignore") or "model", bytes.fromhex(checkpoint.model_hash))
+
+
+@dataclass
+class _Live:
+    """Values the announcer reads on every heartbeat."""
+
+    start: int
+    end: int
+    throughput: float = 0.0
+
+
+class Node:
+    """A running node (valid while `serve_node` runs)."""
+
+    def __init__(self, config: NodeConfig, host: p2p.Host, checkpoint: Checkpoint, view: SwarmView) -> None:
+        self.config = config
+        self.host = host
+        self.checkpoint = checkpoint
+        self.view = view
+        self.model = model_id(checkpoint)
+        self.batcher = Batcher()
+        self.server: SpanServer | None = None
+        self.announcer: Announcer | None = None
+        self.live = _Live(0, 1)
+        self.rtts: dict[bytes, float] = {}
+        self._drain = trio.Event()
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return self.live.start, self.live.end
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.host.addrs()
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id_str
+
+    def request_drain(self) -> None:
+        """Start draining (idempotent); `serve_node` returns once it is done."""
+        self._drain.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.is_set()
+
+    # -- record ------------------------------------------------------------------------------
+    def _load(self) -> crdt.Load:
+        server = self.server
+        if server is None:
+            return crdt.Load()
+        return crdt.Load(active_sessions=server.active_sessions, free_cache_tokens=server.budget.free_tokens)
+
+    def _peer_addrs(self, peer: str) -> list[str]:
+        try:
+            signed = self.view.state.get(crdt.peer_id_from_str(peer))
+        except Exception:
+            return []
+        return list(signed.record.addrs) if signed is not None else []
+
+    # -- bring-up ----------------------------------------------------------------------------
+    async def _choose_blocks(self) -> tuple[int, int]:
+        total = self.checkpoint.config.num_hidden_layers
+        cfg = self.config
+        if cfg.blocks is not None:
+            start, end = cfg.blocks
+            if end > total:
+                raise InvalidSpanError(f"--blocks {start}:{end} is outside the model's {total} blocks")
+            return start, end
+        assert cfg.num_blocks is not None
+        if cfg.num_blocks > total:
+            raise InvalidSpanError(f"--num-blocks {cfg.num_blocks} exceeds the model's {total} blocks")
+        if not cfg.new_swarm:
+            # learn who serves what first (anti-entropy with the initial peers runs on connect)
+            with trio.move_on_after(cfg.join_wait):
+                await self.view.wait_until(lambda s: any(
+                    r.record.model.config_hash == self.model.config_hash for r in s))
+        records = [r.record for r in self.view.state]
+        start, end = choose_blocks(records, self.model.config_hash, total, cfg.num_blocks, now_ms(),
+                                   exclude=self.view.peer_id)
+        logger.info("chose blocks %d:%d (the weakest span of %d blocks among %d known servers)",
+                    start, end, cfg.num_blocks, len(records))
+        return start, end
+
+    async def _load_span(self, start: int, end: int) -> Span:
+        cfg = self.config
+        span = await trio.to_thread.run_sync(load_span, self.checkpoint, start, end, cfg.device, cfg.dtype)
+        self.live.throughput = await span_throughput(span, self.checkpoint.model_hash, cfg.cache_dir)
+        return span
+
+    def _budget(self, span: Span) -> CacheBudget:
+        tokens = self.config.cache_tokens or default_cache_tokens(span)
+        return CacheBudget(tokens, self.config.max_sessions)
+
+    # -- loops -------------------------------------------------------------------------------
+    async def _rtt_loop(self) -> None:
+        while True:
+            records = next_block_servers(self.view.servers(self.model.config_hash), self.view.peer_id, self.live.end)
+            self.rtts = await measure_rtts(self.host, records) if records else {}
+            await trio.sleep(RTT_INTERVAL)
+
+    async def _rebalance_loop(self) -> None:
+        total = self.checkpoint.config.num_hidden_layers
+        while True:
+            await trio.sleep(self.config.rebalance_interval)
+            assert self.announcer is not None
+            last = self.announcer.last
+            if self.draining or last is None or last.record.state is not crdt.ServerState.ONLINE:
+                continue
+            target = should_rebalance([r.record for r in self.view.state], last.record, total, now_ms())
+            if target is not None:
+                await self._move(*target)
+
+    async def _move(self, start: int, end: int) -> None:
+        """Serve other blocks: drain (never killing a session), reload, come back online."""
+        assert self.server is not None and self.announcer is not None
+        logger.info("rebalancing from blocks %d:%d to %d:%d: draining first", *self.blocks, start, end)
+        self.server.state = ServerState.DRAINING
+        await self.announcer.set_state(crdt.ServerState.DRAINING)
+        await self.server.wait_idle()
+        if self.draining:
+            return  # shutting down instead
+        self.server.state = ServerState.JOINING
+        self.live.start, self.live.end = start, end
+        await self.announcer.set_state(crdt.ServerState.JOINING)
+        span = await self._load_span(start, end)
+        self.server.set_span(span)
+        self.server.budget = self._budget(span)
+        self.server.state = ServerState.ONLINE
+        await self.announcer.set_state(crdt.ServerState.ONLINE)
+        logger.info("now serving blocks %d:%d", start, end)
+
+    async def _drain_and_leave(self) -> None:
+        assert self.server is not None and self.announcer is not None
+        logger.info("draining: %d sessions open, waiting up to %ss", self.server.active_sessions,
+                    self.config.drain_timeout)
+        self.server.state = ServerState.DRAINING
+        with trio.move_on_after(max(self.config.drain_timeout, 0.01)):
+            await self.announcer.set_state(crdt.ServerState.DRAINING)
+        with trio.move_on_after(self.config.drain_timeout) as scope:
+            await self.server.wait_idle()
+        if scope.cancelled_caught:
+            logger.warning("drain timeout: closing %d sessions still open", self.server.active_sessions)
+        self.server.state = ServerState.OFFLINE
+        with trio.move_on_after(5):
+            await self.announcer.leave()
+        logger.info("left the swarm")
+
+
+async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until it has drained (see the module docstring)."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    checkpoint = Checkpoint(config.model)  # a missing or bad model fails before any networking
+    identity = p2p.Identity.load_or_create(config.identity) if config.identity else p2p.Identity.generate()
+    host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen),
+                                 announce_addrs=list(config.announce_addrs),
+                                 bootstrap_peers=list(config.initial_peers), gossip_topics=swarm_topics())
+    async with p2p.open_host(host_config) as host:
+        async with trio.open_nursery() as nursery:
+            view = SwarmView(host)
+            await nursery.start(view.serve)
+            node = Node(config, host, checkpoint, view)
+            node.live.start, node.live.end = await node._choose_blocks()
+            fields = record_fields(model=node.model, span=lambda: node.blocks, throughput=lambda: node.live.throughput,
+                                   load=node._load, rtts=lambda: node.rtts, version=VERSION[:32],
+                                   public_name=config.public_name)
+            node.announcer = Announcer(view, signer_for(identity), fields, heartbeat=config.heartbeat,
+                                       lease=config.lease, state=crdt.ServerState.JOINING)
+            await nursery.start(node.announcer.serve)
+            span = await node._load_span(*node.blocks)
+            await nursery.start(node.batcher.serve)
+            node.server = SpanServer(host, span, checkpoint.model_hash, node._budget(span), node.batcher,
+                                     idle_timeout=config.session_idle_timeout, peer_addrs=node._peer_addrs)
+            node.server.install()
+            node.server.state = ServerState.ONLINE
+            await node.announcer.set_state(crdt.ServerState.ONLINE)
+            nursery.start_soon(node._rtt_loop)
+            if config.num_blocks is not None and config.rebalance_interval > 0:
+                nursery.start_soon(node._rebalance_loop)
+            logger.info("serving blocks %d:%d of %s as %s", *node.blocks, node.model.name, node.peer_id)
+            task_status.started(node)
+            await node._drain.wait()
+            await node._drain_and_leave()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["Node", "serve_node", "learn_addrs"]

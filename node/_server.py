@@ -1,0 +1,395 @@
+"""The span server: the node side of `pipeline._protocol` (inference, push and info streams).
+
+``/lamina/inference/1`` (one stream per client session)
+    OpenSession is checked (model fingerprint, span inside ours, dtype) and its KV cache reserved
+    from the budget; refusals are error frames: "busy" (no memory or session slot: route around),
+    "draining" (the node is leaving), "bad_request". Then Step / Replay / SetNextHop /
+    CloseSession, handled one at a time in order. A step that does not fit the session gets a
+    `StepFailed` (codes in `_sessions`) and the stream stays usable. A session idle for
+    `NodeConfig.session_idle_timeout` (no client message and no pushed step) is ended with an
+    "idle_timeout" error frame.
+``/lamina/push/1`` (one stream per session and upstream node)
+    PushOpen names a session open here ("unknown_session" error frame otherwise); its Steps are
+    handled exactly like the client's own (results and StepFailed go to the client's stream).
+``/lamina/info/1``
+    InfoRequest -> NodeInfo.
+
+Step ids: a step (client's or pushed) whose id is lower than the last one run in the session is
+stale and dropped silently; an equal id is a resend and runs again (idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+import trio
+from torch import nn
+
+import p2p
+from pipeline import LaminaError, Span
+from pipeline._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, PUSH_PROTOCOL, CloseSession,
+                                InfoRequest, NodeInfo, OpenSession, PushFailed, PushOpen, Replay,
+                                SessionOpened, SetNextHop, Step, StepFailed, StepResult)
+
+from ._announce import learn_addrs
+from ._batching import Batcher
+from ._sessions import (BAD_REQUEST, DRAINING, IDLE_TIMEOUT, INTERNAL, UNKNOWN_SESSION, CacheBudget,
+                        ServedSession, StepError, cache_tokens_for, check_replay, check_step,
+                        to_compute, to_wire)
+
+logger = logging.getLogger("lamina.node")
+
+OPEN_DEADLINE = 10.0  # a new stream must send its first message (OpenSession, PushOpen) by then
+PUSH_QUEUE = 16  # results waiting to be pushed per session before the session slows down
+
+try:
+    VERSION = metadata.version("lamina")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    VERSION = "0.0.0"
+
+
+class ServerState:
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+def sub_span(span: Span, start: int, end: int) -> Span:
+    """Blocks [start, end) of `span` sharing its weights (no copy: the layers are the same
+    modules)."""
+    if (start, end) == (span.start, span.end):
+        return span
+    with torch.device("meta"):
+        sub = Span(span.config, start, end)
+    sub.layers = nn.ModuleList(list(span.layers[start - span.start:end - span.start]))
+    return sub
+
+
+@dataclass(frozen=True)
+class _PushItem:
+    peer: str
+    session_id: str
+    step: Step
+
+
+class SpanServer:
+    """Serves one span over the mesh. `install()` registers the handlers on the host."""
+
+    def __init__(self, host: p2p.Host, span: Span, model_hash: str, budget: CacheBudget,
+                 batcher: Batcher, *, idle_timeout: float,
+                 peer_addrs: Callable[[str], list[str]] = lambda peer: []) -> None:
+        self.host = host
+        self.model_hash = model_hash
+        self.budget = budget
+        self.batcher = batcher
+        self.idle_timeout = idle_timeout
+        self.peer_addrs = peer_addrs  # peer id -> multiaddrs known from the swarm records
+        self.state = ServerState.JOINING
+        self.sessions: dict[str, ServedSession] = {}
+        self._idle = trio.Event()
+        self._idle.set()
+        self.set_span(span)
+
+    # -- span and state ----------------------------------------------------------------------
+    def set_span(self, span: Span) -> None:
+        if self.sessions:
+            raise RuntimeError("the span can only change while no session is open")
+        self.span = span
+        self._sub_spans: dict[tuple[int, int], Span] = {(span.start, span.end): span}
+
+    def _span_for(self, start: int, end: int) -> Span:
+        sub = self._sub_spans.get((start, end))
+        if sub is None:
+            sub = self._sub_spans[(start, end)] = sub_span(self.span, start, end)
+        return sub
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self.sessions)
+
+    async def wait_idle(self) -> None:
+        """Until no session is open."""
+        await self._idle.wait()
+
+    def install(self) -> None:
+        limit = self.budget.max_sessions + 1
+        self.host.set_session_handler(INFERENCE_PROTOCOL, self._serve_inference, max_concurrent_per_peer=limit)
+        self.host.set_session_handler(PUSH_PROTOCOL, self._serve_push, max_concurrent_per_peer=limit)
+        self.host.set_unary_handler(INFO_PROTOCOL, self._serve_info, accepts=InfoRequest)
+
+    # -- /lamina/info/1 ----------------------------------------------------------------------
+    async def _serve_info(self, peer_id: object, request: p2p.Message) -> NodeInfo:
+        return NodeInfo(
+            peer_id=self.host.peer_id_str, model=self.model_hash, start=self.span.start,
+            end=self.span.end, state=self.state, active_sessions=self.active_sessions,
+            free_cache_tokens=self.budget.free_tokens, version=VERSION[:32])
+
+    # -- /lamina/inference/1 -----------------------------------------------------------------
+    async def _serve_inference(self, peer_id: object, stream: p2p.Session) -> None:
+        msg = await _first_message(stream, "OpenSession")
+        if msg is None:
+            return
+        if type(msg) is not OpenSession:
+            raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, not {type(msg).TYPE}")
+        sess = self._open(msg, stream)
+        try:
+            await stream.send(SessionOpened(sess.session_id, sess.start, sess.end, sess.max_length))
+            logger.info("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
+                        sess.session_id[:8], peer_id, sess.start, sess.end, sess.batch, sess.max_length)
+            async with trio.open_nursery() as nursery:
+                pusher = _Pusher(self, sess)
+                sess.pusher = pusher
+                nursery.start_soon(pusher.serve)
+                try:
+                    await self._session_loop(sess, stream)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._close(sess)
+
+    def _open(self, msg: OpenSession, stream: p2p.Session) -> ServedSession:
+        if self.state == ServerState.DRAINING or self.state == ServerState.OFFLINE:
+            raise p2p.RemoteError(DRAINING, "this node is draining and takes no new sessions")
+        if self.state != ServerState.ONLINE:
+            raise p2p.RemoteError(p2p.ErrorCode.BUSY, "this node is still starting")
+        if msg.model != self.model_hash:
+            raise p2p.RemoteError(BAD_REQUEST, f"model mismatch: this node serves model {self.model_hash}, "
+                                               f"the session asked for {msg.model}")
+        if not (self.span.start <= msg.start < msg.end <= self.span.end):
+            raise p2p.RemoteError(BAD_REQUEST, f"blocks {msg.start}:{msg.end} are not inside this node's "
+                                               f"blocks {self.span.start}:{self.span.end}")
+        if msg.session_id in self.sessions:
+            raise p2p.RemoteError(BAD_REQUEST, f"session {msg.session_id} is already open")
+        reservation = self.budget.reserve(cache_tokens_for(msg.batch, msg.max_length))
+        try:
+            span = self._span_for(msg.start, msg.end)
+            cache = span.new_cache(msg.batch, msg.max_length)
+        except (LaminaError, RuntimeError) as exc:  # RuntimeError: torch out of memory
+            self.budget.release(reservation)
+            raise p2p.RemoteError(p2p.ErrorCode.BUSY, f"cannot allocate the KV cache: {exc}") from None
+        sess = ServedSession(msg.session_id, stream, span, cache, msg.dtype, reservation,
+                             next_peer=msg.next_peer, next_session=msg.next_session)
+        self.sessions[sess.session_id] = sess
+        self._idle = trio.Event()
+        return sess
+
+    def _close(self, sess: ServedSession) -> None:
+        sess.close()
+        if self.sessions.get(sess.session_id) is sess:
+            del self.sessions[sess.session_id]
+        self.budget.release(sess.reservation)
+        sess.cache = None  # type: ignore[assignment]  # free the memory now, not at the next gc
+        if not self.sessions:
+            self._idle.set()
+        logger.info("session %s closed (%d open, %d cache tokens free)", sess.session_id[:8],
+                    len(self.sessions), self.budget.free_tokens)
+
+    async def _session_loop(self, sess: ServedSession, stream: p2p.Session) -> None:
+        while True:
+            with trio.move_on_at(sess.last_active + self.idle_timeout) as idle:
+                try:
+                    msg = await stream.receive()
+                except p2p.EndOfSession:
+                    return
+            if idle.cancelled_caught:
+                if trio.current_time() >= sess.last_active + self.idle_timeout:
+                    raise p2p.RemoteError(IDLE_TIMEOUT, f"session {sess.session_id} was idle for {self.idle_timeout}s")
+                continue  # a pushed step kept it alive
+            sess.last_active = trio.current_time()
+            kind = type(msg)
+            if kind is Step:
+                await self.run_step(sess, msg)
+            elif kind is Replay:
+                await self.run_replay(sess, msg)
+            elif kind is SetNextHop:
+                if msg.session_id != sess.session_id:
+                    await self._fail(sess, 0, StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream"))
+                else:
+                    sess.next_peer, sess.next_session = msg.next_peer, msg.next_session
+            elif kind is CloseSession:
+                if msg.session_id == sess.session_id:
+                    return
+                await self._fail(sess, 0, StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream"))
+            else:
+                await self._fail(sess, 0, StepError(BAD_REQUEST, f"{kind.TYPE} is not valid on an open inference session"))
+
+    # -- steps -------------------------------------------------------------------------------
+    async def run_step(self, sess: ServedSession, step: Step) -> None:
+        """Run one step (from the client or pushed from upstream) and deliver its result."""
+        async with sess.lock:
+            if sess.closed:
+                return
+            sess.last_active = trio.current_time()
+            if sess.last_step_id is not None and step.step_id < sess.last_step_id:
+                logger.debug("session %s: dropped stale step %d (last %d)", sess.session_id[:8],
+                             step.step_id, sess.last_step_id)
+                return
+            try:
+                check_step(sess, step)
+                out = await self._compute(sess, step.hidden, step.position)
+            except StepError as exc:
+                await self._fail(sess, step.step_id, exc)
+                return
+            sess.last_step_id = step.step_id
+            await self._deliver(sess, step.step_id, step.position, out, step.push)
+
+    async def run_replay(self, sess: ServedSession, replay: Replay) -> None:
+        """Run the replay's chunks one after another as separate steps, echoing each."""
+        async with sess.lock:
+            if sess.closed:
+                return
+            sess.last_active = trio.current_time()
+            try:
+                check_replay(sess, replay)
+            except StepError as exc:
+                await self._fail(sess, replay.step_ids[0], exc)
+                return
+            hidden = replay.hidden.to_torch()
+            position = 0
+            for step_id, t in zip(replay.step_ids, replay.chunks):
+                chunk = p2p.Tensor.from_torch(hidden[:, position:position + t])
+                try:
+                    out = await self._compute(sess, chunk, position)
+                except StepError as exc:
+                    await self._fail(sess, step_id, exc)
+                    return
+                sess.last_step_id = step_id if sess.last_step_id is None else max(sess.last_step_id, step_id)
+                await self._deliver(sess, step_id, position, out, replay.push)
+                position += t
+
+    async def _compute(self, sess: ServedSession, hidden: p2p.Tensor, position: int) -> p2p.Tensor:
+        x = to_compute(hidden, sess.span)
+        try:
+            out = await self.batcher.run(sess.span, x, position, sess.cache)
+        except LaminaError as exc:  # the engine's own checks (should not happen after ours)
+            raise StepError(BAD_REQUEST, str(exc)) from None
+        except Exception as exc:
+            logger.exception("forward pass failed for session %s", sess.session_id[:8])
+            raise StepError(INTERNAL, f"forward pass failed: {type(exc).__name__}: {exc}") from None
+        return to_wire(out, sess.dtype)
+
+    async def _deliver(self, sess: ServedSession, step_id: int, position: int, out: p2p.Tensor, push: bool) -> None:
+        if push and sess.next_peer is not None and sess.next_session is not None:
+            item = _PushItem(sess.next_peer, sess.next_session, Step(sess.next_session, step_id, position, out, push=True))
+            await sess.pusher.enqueue(item)
+        await self.to_client(sess, StepResult(sess.session_id, step_id, position, out))
+
+    async def _fail(self, sess: ServedSession, step_id: int, exc: StepError) -> None:
+        logger.debug("session %s step %d failed: %s", sess.session_id[:8], step_id, exc)
+        await self.to_client(sess, StepFailed(sess.session_id, step_id, exc.code, exc.message))
+
+    async def to_client(self, sess: ServedSession, msg: p2p.Message) -> None:
+        """Send on the client's stream; a broken stream is the session loop's business."""
+        try:
+            await sess.client.send(msg)
+        except p2p.P2PError as exc:
+            logger.debug("session %s: cannot reach the client: %r", sess.session_id[:8], exc)
+
+    # -- /lamina/push/1 ----------------------------------------------------------------------
+    async def _serve_push(self, peer_id: object, stream: p2p.Session) -> None:
+        msg = await _first_message(stream, "PushOpen")
+        if msg is None:
+            return
+        if type(msg) is not PushOpen:
+            raise p2p.RemoteError(BAD_REQUEST, f"a push stream starts with PushOpen, not {type(msg).TYPE}")
+        sess = self.sessions.get(msg.session_id)
+        if sess is None or sess.closed:
+            raise p2p.RemoteError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this node")
+        scope = trio.CancelScope()
+        sess.cancel_scopes.add(scope)
+        try:
+            with scope:
+                async for step in stream:
+                    if type(step) is not Step:
+                        raise p2p.RemoteError(BAD_REQUEST, f"push streams carry Steps, not {type(step).TYPE}")
+                    if step.session_id != sess.session_id:
+                        await self._fail(sess, step.step_id, StepError(
+                            UNKNOWN_SESSION, f"step for session {step.session_id} pushed on the stream of {sess.session_id}"))
+                        continue
+                    await self.run_step(sess, step)
+        finally:
+            sess.cancel_scopes.discard(scope)
+        if scope.cancelled_caught:
+            raise p2p.RemoteError(UNKNOWN_SESSION, f"session {sess.session_id} ended")
+
+
+async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | None:
+    """The stream's first message (None if the peer left at once), within OPEN_DEADLINE."""
+    with trio.move_on_after(OPEN_DEADLINE):
+        try:
+            return await stream.receive()
+        except p2p.EndOfSession:
+            return None
+    raise p2p.RemoteError(BAD_REQUEST, f"no {expected} within {OPEN_DEADLINE}s")
+
+
+class _Pusher:
+    """Forwards one session's results to its next hop, in order, over one push stream per
+    target; a failure becomes a PushFailed to the client, never the end of the session."""
+
+    def __init__(self, server: SpanServer, sess: ServedSession) -> None:
+        self.server = server
+        self.sess = sess
+        self._send, self._receive = trio.open_memory_channel[_PushItem](PUSH_QUEUE)
+        self._last_step_id = 0
+
+    async def enqueue(self, item: _PushItem) -> None:
+        await self._send.send(item)
+
+    async def serve(self) -> None:
+        item: _PushItem | None = None
+        while True:
+            if item is None:
+                item = await self._receive.receive()
+            try:
+                item = await self._stream_to(item)
+            except (p2p.P2PError, trio.TooSlowError) as exc:
+                logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
+                await self.server.to_client(self.sess, PushFailed(self.sess.session_id, self._last_step_id,
+                                                                  f"push to {self._target_peer} failed: {exc}"[:1000]))
+                item = None
+
+    async def _stream_to(self, item: _PushItem) -> _PushItem:
+        """Push to item's target until an item for another target comes; return that item."""
+        target = (item.peer, item.session_id)
+        self._target_peer = item.peer
+        self._last_step_id = item.step.step_id
+        learn_addrs(self.server.host, item.peer, self.server.peer_addrs(item.peer))
+        failure: list[BaseException] = []
+        following: _PushItem | None = None
+        async with self.server.host.open_session(item.peer, PUSH_PROTOCOL) as stream:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    # the next node answers nothing on a push stream except an error frame
+                    try:
+                        while True:
+                            await stream.receive()
+                    except p2p.EndOfSession:
+                        failure.append(p2p.PeerBrokenError("the next node closed the push stream"))
+                    except p2p.P2PError as exc:
+                        failure.append(exc)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                try:
+                    await stream.send(PushOpen(item.session_id))
+                    while True:
+                        self._last_step_id = item.step.step_id
+                        await stream.send(item.step)
+                        item = await self._receive.receive()
+                        if (item.peer, item.session_id) != target:
+                            following = item
+                            break
+                except p2p.P2PError as exc:
+                    failure.append(exc)
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        assert following is not None
+        return following
