@@ -141,14 +141,17 @@ class SpanServer:
             await stream.send(SessionOpened(sess.session_id, sess.start, sess.end, sess.max_length))
             logger.info("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
                         sess.session_id[:8], peer_id, sess.start, sess.end, sess.batch, sess.max_length)
+            ended: Exception | None = None
             async with trio.open_nursery() as nursery:
-                pusher = _Pusher(self, sess)
-                sess.pusher = pusher
-                nursery.start_soon(pusher.serve)
+                sess.pusher = _Pusher(self, sess)
+                nursery.start_soon(sess.pusher.serve)
                 try:
                     await self._session_loop(sess, stream)
-                finally:
-                    nursery.cancel_scope.cancel()
+                except Exception as exc:  # re-raised bare below: the host maps RemoteError to its code
+                    ended = exc
+                nursery.cancel_scope.cancel()
+            if ended is not None:
+                raise ended
         finally:
             self._close(sess)
 
@@ -195,6 +198,12 @@ class SpanServer:
                 try:
                     msg = await stream.receive()
                 except p2p.EndOfSession:
+                    return
+                except (p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
+                    # The client is gone (or sent garbage / an error frame): end quietly. Raising
+                    # would only make the host log a "bug" (see the report on p2p's handler
+                    # wrapper: it does not unwrap exception groups from run_session).
+                    logger.debug("session %s: client stream ended: %r", sess.session_id[:8], exc)
                     return
             if idle.cancelled_caught:
                 if trio.current_time() >= sess.last_active + self.idle_timeout:
@@ -304,7 +313,14 @@ class SpanServer:
         sess.cancel_scopes.add(scope)
         try:
             with scope:
-                async for step in stream:
+                while True:
+                    try:
+                        step = await stream.receive()
+                    except p2p.EndOfSession:
+                        return
+                    except (p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
+                        logger.debug("push stream into session %s ended: %r", sess.session_id[:8], exc)
+                        return
                     if type(step) is not Step:
                         raise p2p.RemoteError(BAD_REQUEST, f"push streams carry Steps, not {type(step).TYPE}")
                     if step.session_id != sess.session_id:
