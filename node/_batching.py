@@ -28,6 +28,13 @@ logger = logging.getLogger("lamina.node")
 
 PREFILL_CHUNK = 128  # tokens per piece of a long prompt
 MAX_PASS_TOKENS = 512  # tokens (rows x positions) per pass, beyond the first piece
+# How long a pass may wait for the next steps of recently served sessions: BATCH_WINDOW_FRACTION
+# of the last pass's duration (waiting a little is cheap next to a long pass), clamped to
+# [BATCH_WINDOW, BATCH_WINDOW_MAX] seconds.
+BATCH_WINDOW = 0.002
+BATCH_WINDOW_FRACTION = 0.5
+BATCH_WINDOW_MAX = 0.05
+RECENT_PASSES = 2  # a session served in one of the last this many passes counts as stepping
 
 
 @dataclass(eq=False)
@@ -54,6 +61,7 @@ class BatchStats:
     segments: int = 0
     max_segments: int = 0
     tokens: int = 0
+    compute_seconds: float = 0.0  # wall time spent in forward passes
 
 
 class Batcher:
@@ -83,13 +91,33 @@ class Batcher:
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        recent: dict[int, int] = {}  # id of a session's cache -> the last pass that served it
+        passes = 0
+        last_pass = 0.0  # seconds the last pass took
         while True:
             while not self._queue:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
+                await self._wait_for_job()
+            # Sessions served in the last RECENT_PASSES passes are probably sending their next
+            # steps: give them BATCH_WINDOW to arrive, so they share this pass. Without this,
+            # sessions settle into groups that alternate passes (each group's steps arrive while
+            # the other group computes) and every pass runs half full. A lone session never waits.
+            recent = {k: p for k, p in recent.items() if p >= passes - RECENT_PASSES}
+            window = min(max(BATCH_WINDOW, BATCH_WINDOW_FRACTION * last_pass), BATCH_WINDOW_MAX)
+            with trio.move_on_after(window):
+                while len(self._queue) < len(recent):
+                    await self._wait_for_job()
             batch = self._take()
             if batch:
+                passes += 1
+                for job, _ in batch:
+                    recent[id(job.cache)] = passes
+                began = trio.current_time()
                 await self._pass(batch)
+                last_pass = trio.current_time() - began
+
+    async def _wait_for_job(self) -> None:
+        self._wakeup = trio.Event()
+        await self._wakeup.wait()
 
     def _take(self) -> list[tuple[_Job, int]]:
         """Pieces for the next pass: (job, tokens), at most one piece per job."""
@@ -113,7 +141,9 @@ class Batcher:
         for job, t in batch:
             by_span.setdefault(id(job.span), []).append((job, t))
         groups = list(by_span.values())
+        began = trio.current_time()
         outcome = await trio.to_thread.run_sync(_compute, groups, limiter=self._limiter)
+        self.stats.compute_seconds += trio.current_time() - began
         self.stats.passes += 1
         self.stats.segments += len(batch)
         self.stats.max_segments = max(self.stats.max_segments, len(batch))
