@@ -349,6 +349,7 @@ class SignedRecord:
     _wire: bytes | None = field(init=False, repr=False, default=None)
     _verdict: Any = field(init=False, repr=False, default=_UNCHECKED)
     _ventry: bytes | None = field(init=False, repr=False, default=None)
+    _wsize: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         if type(self.record) is not ServerRecord:
@@ -367,6 +368,7 @@ class SignedRecord:
         object.__setattr__(self, "_wire", wire)
         object.__setattr__(self, "_verdict", _UNCHECKED)
         object.__setattr__(self, "_ventry", None)
+        object.__setattr__(self, "_wsize", 0)
         return self
 
     @property
@@ -398,6 +400,16 @@ class SignedRecord:
 
     def to_bytes(self) -> bytes:
         return self.wire
+
+    @property
+    def wire_bin_size(self) -> int:
+        """Size of the wire bytes as a msgpack `bin` inside a message (for exact message sizes)."""
+        n = self._wsize
+        if not n:
+            w = len(self.wire)
+            n = w + (2 if w < 256 else 3)
+            object.__setattr__(self, "_wsize", n)
+        return n
 
     @property
     def version_entry(self) -> bytes:

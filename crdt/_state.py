@@ -19,10 +19,12 @@ cannot break that. Records already held are not re-validated on every merge (tha
 so merging states that still hold expired records may keep them until the next `gc`.
 
 Representation, for 10k-replica simulations in one process: the map is split into 256 buckets by
-the first byte of each peer's raw public key. A bucket is immutable and interned by content, so
-replicas holding the same bucket content share one object; each bucket caches its sorted 24-byte
-version entries, their BLAKE2b hash, and its earliest lease expiry. A merge copies only the
-buckets it changes; `root` and the digest are recomputed lazily from the cached bucket hashes.
+the first byte of each peer's raw public key (the hash tree of _messages.py). A bucket is
+immutable and interned by content, so replicas holding the same bucket content share one object;
+each bucket caches its sorted 24-byte version entries, their BLAKE2b hash, its earliest lease
+expiry, and lazily its 16 sub-buckets. A merge copies only the buckets it changes (memoized per
+(bucket, record): while an update spreads, every replica applies the same step to the same
+interned bucket); `root` and the digest are recomputed lazily from the cached bucket hashes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ._errors import RejectReason, Rejection
-from ._messages import BUCKET_HASH_LEN, NUM_BUCKETS, VERSION_ENTRY_LEN, Delta
+from ._messages import BUCKET_HASH_LEN, NUM_BUCKETS, NUM_SUBBUCKETS, VERSION_ENTRY_LEN, Delta
 from ._record import ModelId, ServerRecord, SignedRecord
 
 DEFAULT_MAX_SKEW_MS = 10_000
@@ -75,9 +77,13 @@ class SwarmConfig:
 
 
 class _Bucket:
-    """An immutable, interned set of records whose peers share a first key byte."""
+    """An immutable, interned set of records whose peers share a first key byte.
 
-    __slots__ = ("entries", "blob", "hash", "h8", "min_expiry", "_fpmap", "_records", "__weakref__")
+    Caches (computed once per distinct bucket, shared by every replica holding it): sorted
+    version entries and their hash, and lazily the fingerprint map and the 16 sub-buckets.
+    """
+
+    __slots__ = ("entries", "blob", "hash", "h8", "min_expiry", "_fpmap", "_records", "_subs", "_subhashes", "__weakref__")
 
     entries: dict[bytes, SignedRecord]  # never mutated after construction
     blob: bytes  # sorted version entries
@@ -93,11 +99,38 @@ class _Bucket:
 
     @property
     def fpmap(self) -> dict[bytes, tuple[bytes, SignedRecord]]:
-        """fingerprint -> (hlc|signature-prefix 24 bytes, record)."""
+        """fingerprint -> (hlc | signature prefix: 16 bytes, record)."""
         m = self._fpmap
         if m is None:
             m = self._fpmap = {r.version_entry[:8]: (r.version_entry[8:], r) for r in self.entries.values()}
         return m
+
+    @property
+    def subs(self) -> tuple[bytes, ...]:
+        """The sorted version entries of each of the 16 sub-buckets."""
+        subs = self._subs
+        if subs is None:
+            parts: list[list[bytes]] = [[] for _ in range(NUM_SUBBUCKETS)]
+            blob, n = self.blob, VERSION_ENTRY_LEN
+            for k in range(0, len(blob), n):
+                parts[blob[k + 1] >> 4].append(blob[k : k + n])
+            subs = self._subs = tuple(b"".join(p) for p in parts)
+        return subs
+
+    @property
+    def subhashes(self) -> bytes:
+        h = self._subhashes
+        if h is None:
+            h = self._subhashes = b"".join(
+                hashlib.blake2b(sub, digest_size=16).digest()[:BUCKET_HASH_LEN] for sub in self.subs
+            )
+        return h
+
+    def scope_blob(self, scope: int) -> bytes:
+        return self.blob if scope < NUM_BUCKETS else self.subs[(scope - NUM_BUCKETS) & 15]
+
+    def sub_records(self, sub: int) -> list[SignedRecord]:
+        return [r for fp, (_, r) in self.fpmap.items() if fp[1] >> 4 == sub]
 
 
 _INTERN: weakref.WeakValueDictionary[bytes, _Bucket] = weakref.WeakValueDictionary()
@@ -117,6 +150,8 @@ def _bucket(entries: dict[bytes, SignedRecord]) -> _Bucket:
     b.min_expiry = min((r.record.expires_ms for r in entries.values()), default=1 << 62)
     b._fpmap = None
     b._records = None
+    b._subs = None
+    b._subhashes = None
     _INTERN[h] = b
     return b
 
@@ -156,7 +191,7 @@ class MergeResult:
 class SwarmState:
     """Immutable CRDT map peer id -> `SignedRecord`. Equal when the contents are equal."""
 
-    __slots__ = ("config", "_buckets", "_root", "_hashes", "_len")
+    __slots__ = ("config", "_buckets", "_root", "_hashes", "_len", "_sorted")
 
     def __init__(self, config: SwarmConfig | None = None) -> None:
         self.config = config or SwarmConfig()
@@ -164,6 +199,7 @@ class SwarmState:
         self._root: bytes | None = None
         self._hashes: bytes | None = None
         self._len = 0
+        self._sorted: tuple[SignedRecord, ...] | None = None
 
     @classmethod
     def _make(cls, config: SwarmConfig, buckets: tuple[_Bucket, ...]) -> SwarmState:
@@ -173,6 +209,7 @@ class SwarmState:
         s._root = None
         s._hashes = None
         s._len = -1
+        s._sorted = None
         return s
 
     @classmethod
@@ -188,8 +225,13 @@ class SwarmState:
         return self._len
 
     def __iter__(self) -> Iterator[SignedRecord]:
-        """All signed records, in peer id order."""
-        return iter(sorted((r for b in self._buckets for r in b.entries.values()), key=lambda r: r.record.peer_id))
+        """All signed records, in peer id order (sorted once per state value)."""
+        s = self._sorted
+        if s is None:
+            s = self._sorted = tuple(
+                sorted((r for b in self._buckets for r in b.entries.values()), key=lambda r: r.record.peer_id)
+            )
+        return iter(s)
 
     def __contains__(self, peer_id: object) -> bool:
         return isinstance(peer_id, bytes) and len(peer_id) > 6 and peer_id in self._buckets[peer_id[6]].entries

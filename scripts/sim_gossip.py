@@ -19,6 +19,8 @@ Model
     gossip `drain_rounds` more rounds; half crash silently), a quarter new nodes join with an empty
     state. Then the swarm is left quiet until every live replica holds the same state.
   * Scenario `cold`: every node starts knowing only its own record.
+  * `--model async`: instead, exchanges run one after another in a random order and merge as
+    they go (information can cross several hops in one round; fewer duplicate transfers).
   * `--wire`: every message is really encoded and decoded (slow; bytes are identical either way,
     since `crdt.wire_size` is exact; tests check that).
 
@@ -183,20 +185,23 @@ class Sim:
         return out
 
     def exchange(self, a: Node, b: Node, digests: dict[int, Digest], ia: int) -> None:
-        d = self.send(digests[ia])
+        sequential = self.args.model == "async"
+        d = self.send(digest(a.state) if sequential else digests[ia])
         if d is None:
             return
-        r1 = sync(d, b.state)
+        msg = sync(d, b.state)
         receiver, other = a, b
-        msg = r1
         while msg is not None:
             got = self.send(msg)
             if got is None:
                 return
-            receiver.inbox.extend(got.records)
-            # Snapshot semantics: the receiver answers from its start-of-round state. The records
-            # just received never change that answer (they fill buckets the reply does not touch),
-            # and they are merged at the end of the round.
+            if sequential:
+                receiver.state = receiver.state.merge(got, now_ms=self.local(receiver)).state
+            else:
+                # Snapshot semantics: the receiver answers from its start-of-round state. The
+                # records just received never change that answer (they fill scopes the reply does
+                # not touch), and they are merged at the end of the round.
+                receiver.inbox.extend(got.records)
             msg = sync(got, receiver.state)
             receiver, other = other, receiver
 
@@ -323,6 +328,7 @@ class Sim:
         total_rounds = len(per_round)
         return {
             "scenario": args.scenario,
+            "model": args.model,
             "nodes": self.n,
             "fanout": args.fanout,
             "loss": args.loss,
@@ -355,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--churn-rounds", type=int, default=3)
     p.add_argument("--drain-rounds", type=int, default=2)
     p.add_argument("--scenario", choices=["churn", "cold"], default="churn")
+    p.add_argument("--model", choices=["sync", "async"], default="sync",
+                   help="sync: snapshot rounds, merge at round end (default); async: merge as you go")
     p.add_argument("--max-rounds", type=int, default=40)
     p.add_argument("--round-ms", type=int, default=1000)
     p.add_argument("--lease-ms", type=int, default=120_000)

@@ -304,3 +304,24 @@ def test_any_single_byte_corruption_is_refused_or_fails_verification(pos, value)
     except ValidationError:
         return
     assert rec.check() is not None
+
+
+def test_each_distinct_signed_record_is_verified_once_per_process(monkeypatch):
+    import crdt._record as record_module
+
+    calls = []
+    real = record_module.verify_signature
+
+    def counting(public_key, data, signature):
+        calls.append(signature)
+        return real(public_key, data, signature)
+
+    monkeypatch.setattr(record_module, "verify_signature", counting)
+    signed = Signer(b"\x0b" * 32).sign(dataclasses.replace(golden_record(), peer_id=Signer(b"\x0b" * 32).peer_id))
+    copies = [decode_record(signed.wire) for _ in range(5)]  # five separate objects, same bytes
+    assert all(c.check() is None for c in copies)
+    assert all(c.check() is None for c in copies)
+    assert len(calls) == 1
+    forged = SignedRecord(dataclasses.replace(signed.record, public_name="x"), signed.public_key, signed.signature)
+    assert forged.check().reason is RejectReason.BAD_SIGNATURE  # same signature, other body: verified anew
+    assert len(calls) == 2

@@ -201,7 +201,7 @@ def replicas() -> list[SwarmState]:
 def attack(records_wire: list[bytes]) -> bytes:
     """A delta a malicious peer sends to everyone: the bad record plus one fresh good record."""
     good = rec(5, 2000)
-    return msgpack.packb((2, (*records_wire, good.wire), (), b""), use_bin_type=True)
+    return msgpack.packb((2, (*records_wire, good.wire), (), (), b""), use_bin_type=True)
 
 
 def assert_every_replica_rejects(data: bytes, reason: RejectReason, victim: bytes | None) -> None:

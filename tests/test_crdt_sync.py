@@ -36,6 +36,7 @@ from crdt import (
     sync,
     wire_size,
 )
+from crdt._messages import sub_scope
 from crdt._state import EMPTY_BUCKET_HASH
 
 NOW = 1_800_000_000_000
@@ -125,22 +126,43 @@ def test_a_new_node_gets_everything_in_one_exchange_without_the_version_round_tr
     assert sent < full.wire_size() * 1.05 + 4000
 
 
+@functools.lru_cache(maxsize=None)
+def big_state(n: int = 4000) -> SwarmState:
+    return state_of([rec(i) for i in range(n)])
+
+
 def test_delta_size_grows_with_the_difference_not_the_state():
-    base = [rec(i) for i in range(2000)]
-    a = state_of(base)
+    a = big_state()  # ~16 peers per bucket: exchanges go through the sub-bucket level
     full = a.wire_size()
     costs = {}
     for changed in (1, 10, 50):
-        b = a.merge([rec(i * 37 % 2000, 1) for i in range(changed)], now_ms=NOW).state
-        a2, b2, sent, _ = exchange(a, b)
-        assert a2 == b2
+        b = a.merge([rec(i * 37 % 4000, 1) for i in range(changed)], now_ms=NOW).state
+        a2, b2, sent, count = exchange(a, b)
+        assert a2 == b2 and count <= 5
         costs[changed] = sent
     record = len(rec(0, 1).wire)
-    # digest (2 KiB) + per differing bucket ~8 peers' 24-byte versions + the records themselves
+    # digest (2 KiB) + per change: 128 bytes of sub-hashes, a few 24-byte versions, the record
     for changed, sent in costs.items():
-        assert sent <= 2200 + changed * (record + 8 * 24 + 40)
-    assert costs[1] < full / 100
+        assert sent <= 2200 + changed * (record + 135 + 4 * 24 + 30)
+    assert costs[1] < full / 400  # 2.5 KB against 1.1 MB of state, most of it the fixed digest
     assert costs[1] < costs[10] < costs[50]
+
+
+def test_sub_bucket_level_reconciles_both_directions_and_empty_sub_buckets():
+    base = big_state()
+    a = base.merge([rec(5, 1), rec(90_001)], now_ms=NOW).state
+    b = base.merge([rec(5, 2), rec(7, 1), rec(90_002)], now_ms=NOW).state
+    a2, b2, _, _ = exchange(a, b, wire=True)
+    assert a2 == b2 == a.merge(b, now_ms=NOW).state
+    # A replica missing a whole sub-bucket gets its records without a version round trip.
+    bucket = bucket_of(rec(5).peer_id)
+    sub = rec(5).version_entry[1] >> 4
+    holes = [r for r in base if bucket_of(r.peer_id) == bucket and r.version_entry[1] >> 4 == sub]
+    partial = state_of([r for r in base if r not in holes])
+    r1 = sync(digest(base), partial)  # partial shows its sub-hashes, one of them empty ...
+    r2 = sync(r1, base)  # ... so base sends that sub-bucket's records straight away
+    assert r1.hashes and set(r2.records) == set(holes) and not r2.versions and not r2.want
+    assert partial.merge(r2, now_ms=NOW).state == base
 
 
 def test_sync_respects_the_byte_budget_and_the_next_exchange_carries_on():
@@ -283,27 +305,38 @@ def test_golden_digests():
     assert decode_message(encode_message(digest(one))) == digest(one)
 
 
+GOLDEN_SUBHASHES_HEX = "".join(f"{i:02x}" * 8 for i in range(16))
+
+
 def test_golden_delta():
     signed = golden_signed()
     assert signed.version_entry.hex() == GOLDEN_VERSION_ENTRY_HEX
+    scope = sub_scope(GOLDEN_BUCKET, signed.version_entry[1] >> 4)
+    assert scope == 314
     delta = Delta(
         records=(signed,),
-        versions=((GOLDEN_BUCKET, signed.version_entry),),
+        hashes=((5, bytes.fromhex(GOLDEN_SUBHASHES_HEX)),),
+        versions=((scope, signed.version_entry),),
         want=(signed.version_entry[:8],),
     )
     expected = (
-        "94"  # [kind, records, versions, want]
+        "95"  # [kind, records, hashes, versions, want]
         + "02"
-        + "91"
+        + "91"  # records: [bin16 signed record]
         + "c5"
         + f"{len(signed.wire):04x}"
         + signed.wire.hex()
-        + "91"
+        + "91"  # hashes: [[5, bin8(128)]]
         + "92"
-        + "03"
+        + "05"
+        + "c480"
+        + GOLDEN_SUBHASHES_HEX
+        + "91"  # versions: [[uint16 314, bin8(24)]]
+        + "92"
+        + "cd013a"
         + "c418"
         + GOLDEN_VERSION_ENTRY_HEX
-        + "c408"
+        + "c408"  # want: bin8(8)
         + GOLDEN_VERSION_ENTRY_HEX[:16]
     )
     assert encode_message(delta).hex() == expected
@@ -312,12 +345,13 @@ def test_golden_delta():
     assert back == delta
 
 
-def _delta_bytes(records=(), versions=(), want=b"", kind=2) -> bytes:
-    return msgpack.packb((kind, tuple(records), tuple(versions), want), use_bin_type=True)
+def _delta_bytes(records=(), versions=(), want=b"", hashes=(), kind=2) -> bytes:
+    return msgpack.packb((kind, tuple(records), tuple(hashes), tuple(versions), want), use_bin_type=True)
 
 
-def _entry(i: int, fp_byte0: int, tail: int = 0) -> bytes:
-    return bytes([fp_byte0]) + bytes([tail]) * 7 + bytes(16)
+def _entry(fp_byte0: int, tail: int = 0, byte1: int | None = None) -> bytes:
+    rest = bytes([tail]) * 7 if byte1 is None else bytes([byte1]) + bytes([tail]) * 6
+    return bytes([fp_byte0]) + rest + bytes(16)
 
 
 BAD_MESSAGES = [
@@ -326,21 +360,27 @@ BAD_MESSAGES = [
     (msgpack.packb((1, b"x" * 16), use_bin_type=True), RejectReason.MALFORMED),  # digest missing hashes
     (msgpack.packb((1, b"x" * 15, b"y" * 2048), use_bin_type=True), RejectReason.MALFORMED),
     (msgpack.packb((1, b"x" * 16, b"y" * 2047), use_bin_type=True), RejectReason.MALFORMED),
-    (msgpack.packb((3, (), (), b""), use_bin_type=True), RejectReason.MALFORMED),  # unknown kind
-    (msgpack.packb((2, (), ()), use_bin_type=True), RejectReason.MALFORMED),
-    (msgpack.packb([2, [], [], ""], use_bin_type=True), RejectReason.MALFORMED),  # want as str
+    (_delta_bytes(kind=3), RejectReason.MALFORMED),  # unknown kind
+    (msgpack.packb((2, (), (), b""), use_bin_type=True), RejectReason.MALFORMED),  # old 4-field shape
+    (msgpack.packb([2, [], [], [], ""], use_bin_type=True), RejectReason.MALFORMED),  # want as str
     (msgpack.packb({2: 1}, use_bin_type=True), RejectReason.MALFORMED),
     (_delta_bytes(records=["text"]), RejectReason.MALFORMED),
-    (_delta_bytes(versions=[(5, _entry(0, 5)), (4, _entry(0, 4))]), RejectReason.MALFORMED),  # not ascending
-    (_delta_bytes(versions=[(256, b"")]), RejectReason.MALFORMED),
-    (_delta_bytes(versions=[(5, _entry(0, 6))]), RejectReason.MALFORMED),  # entry in the wrong bucket
-    (_delta_bytes(versions=[(5, _entry(0, 5, 2) + _entry(0, 5, 1))]), RejectReason.MALFORMED),  # unsorted
-    (_delta_bytes(versions=[(5, _entry(0, 5) + _entry(0, 5))]), RejectReason.MALFORMED),  # duplicate
+    (_delta_bytes(hashes=[(5, b"h" * 128), (4, b"h" * 128)]), RejectReason.MALFORMED),  # not ascending
+    (_delta_bytes(hashes=[(5, b"h" * 127)]), RejectReason.MALFORMED),
+    (_delta_bytes(hashes=[(256, b"h" * 128)]), RejectReason.MALFORMED),
+    (_delta_bytes(hashes=[[5]]), RejectReason.MALFORMED),
+    (_delta_bytes(versions=[(5, _entry(5)), (4, _entry(4))]), RejectReason.MALFORMED),  # not ascending
+    (_delta_bytes(versions=[(4352, b"")]), RejectReason.MALFORMED),  # no such scope
+    (_delta_bytes(versions=[(5, _entry(6))]), RejectReason.MALFORMED),  # entry in the wrong bucket
+    (_delta_bytes(versions=[(sub_scope(5, 1), _entry(5, byte1=0x20))]), RejectReason.MALFORMED),  # wrong sub
+    (_delta_bytes(versions=[(5, b""), (sub_scope(5, 1), b"")]), RejectReason.MALFORMED),  # overlapping scopes
+    (_delta_bytes(versions=[(5, _entry(5, 2) + _entry(5, 1))]), RejectReason.MALFORMED),  # unsorted
+    (_delta_bytes(versions=[(5, _entry(5) + _entry(5))]), RejectReason.MALFORMED),  # duplicate
     (_delta_bytes(versions=[(5, b"x" * 23)]), RejectReason.MALFORMED),
-    (_delta_bytes(versions=[(5, b"".join(_entry(0, 5, 0)[:1] + i.to_bytes(7, "big") + bytes(16) for i in range(3000)))]), RejectReason.OVERSIZED),
+    (_delta_bytes(versions=[(5, b"".join(b"\x05" + i.to_bytes(7, "big") + bytes(16) for i in range(3000)))]), RejectReason.OVERSIZED),
     (_delta_bytes(want=b"x" * 9), RejectReason.MALFORMED),
     (_delta_bytes() + b"\x00", RejectReason.MALFORMED),  # trailing bytes
-    (b"\x94\x02\xdc\x00\x00\x90\xc4\x00", RejectReason.MALFORMED),  # non-canonical array16 header
+    (b"\x95\x02\xdc\x00\x00\x90\x90\xc4\x00", RejectReason.MALFORMED),  # non-canonical array16 header
     (b"\x00" * ((16 << 20) + 1), RejectReason.OVERSIZED),
 ]
 
@@ -367,6 +407,8 @@ def test_message_constructors_check_shapes():
         Digest(b"x" * 15, b"y" * 2048)
     with pytest.raises(ValueError):
         Delta(versions=((3, b"x" * 24), (3, b"x" * 24)))
+    with pytest.raises(ValueError):
+        Delta(hashes=((3, b"x" * 8),))
     with pytest.raises(ValueError):
         Delta(want=(b"short",))
     with pytest.raises(TypeError):
