@@ -129,9 +129,11 @@ class AsyncDistributedModelForCausalLM:
             f"{self.model_hash[:12]}) after {self.options.connect_timeout:.0f} s")
 
     def _covered(self, blocks: int) -> bool:
-        covered = set()
+        covered: set[int] = set()
+        now = int(time.time() * 1000)
         for r in self.view.servers(self.model_hash):
-            covered.update(range(r.start, r.end))
+            if r.is_live(now):
+                covered.update(range(r.start, r.end))
         return len(covered) >= blocks
 
     # --- sessions ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's main job: install lamina, write the embedded tiny model, and generate text.
+# The README's main job: install lamina, then run a local swarm of 3 run-node processes on the
+# embedded tiny model and generate text through it with the client library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python3 -m pipeline write-tiny .lamina/tiny >/dev/null
-python3 -m pipeline generate --model .lamina/tiny --local --prompt "Once upon a time" --max-new-tokens 32
+python3 scripts/demo.py "$@"
