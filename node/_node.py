@@ -14,7 +14,6 @@ ONLINE record is published; `Node.request_drain()` (SIGTERM in `run-node`) makes
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +34,6 @@ from ._server import VERSION, ServerState, SpanServer
 from ._sessions import CacheBudget, default_cache_tokens
 
 logger = logging.getLogger("lamina.node")
-
-# The compute thread releases the GIL around every torch op; while the event loop thread runs
-# Python (framing, yamux, Noise), the compute thread then waits up to the switch interval to get
-# it back after each op. At CPython's default 5 ms a dispatch-bound decode pass was measured
-# ~2x slower under network load; 0.5 ms bounds that convoy cost.
-GIL_SWITCH_INTERVAL = 0.0005
 
 
 def model_id(checkpoint: Checkpoint) -> crdt.ModelId:
@@ -207,7 +200,6 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     """Run a node until it has drained (see the module docstring)."""
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     checkpoint = Checkpoint(config.model)  # a missing or bad model fails before any networking
     identity = p2p.Identity.load_or_create(config.identity) if config.identity else p2p.Identity.generate()
     host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen),
