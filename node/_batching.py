@@ -32,7 +32,7 @@ MAX_PASS_TOKENS = 512  # tokens (rows x positions) per pass, beyond the first pi
 # of the last pass's duration (waiting a little is cheap next to a long pass), clamped to
 # [BATCH_WINDOW, BATCH_WINDOW_MAX] seconds.
 BATCH_WINDOW = 0.002
-BATCH_WINDOW_FRACTION = 0.5
+BATCH_WINDOW_FRACTION = 1.0
 BATCH_WINDOW_MAX = 0.05
 RECENT_PASSES = 2  # a session served in one of the last this many passes counts as stepping
 
