@@ -1,0 +1,59 @@
+"""Network-level constants of the p2p layer, in one place.
+
+Deadlines are in seconds. Everything that reads or writes the network is bounded by one of these
+(or by a caller's `trio.fail_after` around it).
+"""
+
+from __future__ import annotations
+
+# --- wire format ---------------------------------------------------------------------------
+WIRE_VERSION = 1
+FRAME_PREFIX_SIZE = 4  # u32 little-endian body length
+HEADER_LEN_SIZE = 4  # u32 little-endian msgpack header length, first field of the body
+TENSOR_ALIGNMENT = 8  # every tensor payload starts at a multiple of 8 from the body start
+MAX_FRAME_SIZE = 128 * 1024 * 1024  # default largest accepted frame body (HostConfig overrides)
+MAX_HEADER_SIZE = 8 * 1024 * 1024  # largest msgpack header, whatever the frame size
+MAX_TENSORS_PER_MESSAGE = 64
+MAX_TENSOR_NDIM = 8
+MAX_TYPE_TAG_LEN = 64
+PREALLOCATE_LIMIT = 16 * 1024 * 1024  # bodies up to this are allocated at once when announced
+
+# --- sessions ------------------------------------------------------------------------------
+HEARTBEAT_INTERVAL = 0.5  # a session sends a heartbeat when it has sent nothing for this long
+# No bytes from the peer for this long while we wait for them => PeerFrozenError. Detection takes
+# HEARTBEAT_TIMEOUT + one watchdog tick after the peer's last byte, i.e. < 3 s after a SIGSTOP.
+# Consequence for applications: an event loop blocked longer than this (a synchronous forward
+# pass, say) looks frozen to its peers; run heavy compute in `trio.to_thread.run_sync`.
+HEARTBEAT_TIMEOUT = 2.0
+WATCHDOG_TICK = 0.2
+WRITE_STALL_DEADLINE = 10.0  # a write chunk that makes no progress for this long => PeerTimeoutError
+WRITE_CHUNK = 1024 * 1024  # big frames are written in pieces of this size
+OPEN_STREAM_DEADLINE = 10.0  # dial (if needed) + stream open + protocol negotiation
+GOODBYE_LINGER = 1.0  # after our goodbye, wait this long for the peer's before resetting
+RESET_DEADLINE = 1.0  # best-effort sends on a failing stream (error frame, reset)
+SESSION_RECEIVE_QUEUE = 8  # decoded messages buffered per session before backpressure
+READ_SIZE = 4 * 1024 * 1024  # largest single stream read
+COALESCE_LIMIT = 256 * 1024  # frames up to this size are joined into one write
+DEFAULT_MAX_CONCURRENT_PER_PEER = 16  # handler invocations per peer and protocol
+
+# --- host ----------------------------------------------------------------------------------
+DIAL_DEADLINE = 10.0
+IDENTIFY_WAIT = 5.0  # how long a new connection may take to be identified before DHT seeding
+BOOTSTRAP_DEADLINE = 15.0
+
+# --- gossip --------------------------------------------------------------------------------
+GOSSIP_MAX_MESSAGE_SIZE = 64 * 1024
+GOSSIP_MAX_RPC_SIZE = 1024 * 1024  # one inbound pubsub RPC may batch several messages
+# py-libp2p drops everything over 10 msg/s per topic per forwarding peer by default. A forwarding
+# peer relays every origin's messages, so the limit must cover (swarm size x per-node rate):
+# 200/s covers ~100 nodes announcing twice a second.
+GOSSIP_MAX_MESSAGES_PER_TOPIC_PER_PEER_PER_SECOND = 200.0
+GOSSIP_DEGREE = 6
+GOSSIP_DEGREE_LOW = 4
+GOSSIP_DEGREE_HIGH = 12
+GOSSIP_HEARTBEAT_INTERVAL = 1
+GOSSIP_SUBSCRIBER_QUEUE = 256  # per local subscriber; a full queue drops (gossip is lossy)
+
+# --- DHT -----------------------------------------------------------------------------------
+DHT_PROVIDER_NAMESPACE = b"lamina/providers/"
+DHT_QUERY_DEADLINE = 30.0

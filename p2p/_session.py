@@ -1,0 +1,370 @@
+"""`Session`: the thin trio layer that runs a `SessionProtocol` over one py-libp2p stream.
+
+Each session owns three small tasks:
+
+* a reader that reads the stream, feeds the sans-IO protocol and queues decoded messages
+  (a bounded queue: a slow consumer slows the peer down instead of growing memory);
+* a heartbeat sender that writes a `Heartbeat` whenever we have been quiet for
+  `HEARTBEAT_INTERVAL`;
+* a watchdog that declares the peer frozen (`PeerFrozenError`) when the reader has been waiting
+  for bytes for more than `HEARTBEAT_TIMEOUT`, and a write stalled (`PeerTimeoutError`) when
+  the peer stopped accepting bytes. It does not blame the peer for our own event-loop stalls.
+
+Every read is bounded by the watchdog, every write by the watchdog and the write-stall deadline.
+A failure is stored once and re-raised by every later `send`/`receive`; messages received
+completely before a failure are still delivered first. A message cut off by EOF or reset is
+never delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from libp2p.io.exceptions import IOException
+from libp2p.peer.id import ID
+
+from ._constants import (
+    COALESCE_LIMIT,
+    GOODBYE_LINGER,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    MAX_FRAME_SIZE,
+    READ_SIZE,
+    RESET_DEADLINE,
+    SESSION_RECEIVE_QUEUE,
+    WATCHDOG_TICK,
+    WRITE_CHUNK,
+    WRITE_STALL_DEADLINE,
+)
+from ._errors import (
+    EndOfSession,
+    ErrorCode,
+    LocalProtocolError,
+    P2PError,
+    PeerBrokenError,
+    PeerFrozenError,
+    PeerTimeoutError,
+    RemoteError,
+    RemoteProtocolError,
+)
+from ._messages import ErrorMessage, Goodbye, Message
+from ._protocol import SessionProtocol, State
+from ._wire import encode
+
+logger = logging.getLogger("lamina.p2p")
+
+_STREAM_ERRORS = (IOException, trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError)
+
+
+def _chunks(buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Small frames become one write; big ones are cut into `WRITE_CHUNK` pieces (progress
+    between pieces is what the write-stall watchdog measures)."""
+    total = sum(len(b) for b in buffers)
+    if total <= COALESCE_LIMIT:
+        return [b"".join(buffers)] if len(buffers) > 1 else list(buffers)
+    out: list[bytes | memoryview] = []
+    for b in buffers:
+        if len(b) <= WRITE_CHUNK:
+            out.append(b)
+        else:
+            view = memoryview(b)
+            out.extend(view[i : i + WRITE_CHUNK] for i in range(0, len(view), WRITE_CHUNK))
+    return out
+
+
+class Session:
+    """A bidirectional stream of messages with one peer. Use it inside the `async with` that
+    opened it (`Host.open_session` or a session handler); do not keep it beyond.
+
+    `send(msg)` and `receive()` may run concurrently from different tasks. Iterating the session
+    yields messages until the peer says goodbye. An `ErrorMessage` from the peer is raised as
+    `RemoteError`.
+    """
+
+    def __init__(self, stream: Any, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE):
+        self._stream = stream
+        self.peer_id = peer_id
+        self.protocol_id = protocol_id
+        self._proto = SessionProtocol(max_frame_size=max_frame_size)
+        self._queue_send, self._queue_receive = trio.open_memory_channel[Message](SESSION_RECEIVE_QUEUE)
+        self._write_lock = trio.Lock()
+        self._error: BaseException | None = None
+        self._cancel_on_fail: set[trio.CancelScope] = set()
+        self._background = trio.CancelScope()
+        self._reader_done = trio.Event()
+        self._closing = False
+        self._closed = False
+        now = trio.current_time()
+        self._last_tx = now
+        self._alive_at = now  # last time the peer showed signs of life (or we started waiting)
+        self._reader_waiting = False
+        self._write_progress_at: float | None = None  # set while a write is in progress
+
+    def __repr__(self) -> str:
+        return f"<Session {self.protocol_id} with {self.peer_id}>"
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def failed(self) -> BaseException | None:
+        """The error that ended the session, if it failed."""
+        return self._error
+
+    async def send(self, msg: Message) -> None:
+        """Send one message. Raises `LocalProtocolError` (invalid use), `PeerBrokenError`,
+        `PeerFrozenError`/`PeerTimeoutError`, or the error that already ended the session."""
+        self._raise_if_unusable()
+        buffers = self._proto.send(msg)
+        await self._write(buffers)
+
+    async def receive(self) -> Message:
+        """The next message. Raises `EndOfSession` after the peer's goodbye, `RemoteError` for an
+        error frame, `PeerBrokenError`/`PeerFrozenError`/`RemoteProtocolError` on failure."""
+        try:
+            msg = await self._queue_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise LocalProtocolError("session is closed") from None
+            raise EndOfSession(f"{self.peer_id} ended the session") from None
+        if type(msg) is ErrorMessage:
+            raise RemoteError(msg.code, msg.message, peer_id=self.peer_id)
+        return msg
+
+    def __aiter__(self) -> "Session":
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except EndOfSession:
+            raise StopAsyncIteration from None
+
+    async def send_goodbye(self) -> None:
+        """Half-close: we will send nothing more (the peer's receive ends with EndOfSession)."""
+        self._raise_if_unusable()
+        if self._proto.our_state is State.OPEN:
+            await self._write(self._proto.goodbye())
+
+    # -- internals: lifecycle ------------------------------------------------------------------
+    async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the reader, heartbeat sender and watchdog until the session ends."""
+        with self._background:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._watchdog)
+                task_status.started()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record the first failure, wake every waiter, stop background work."""
+        if self._error is None:
+            self._error = exc
+            logger.debug("session %r failed: %r", self, exc)
+        self._queue_send.close()  # receivers drain what is queued, then see the error
+        for scope in list(self._cancel_on_fail):
+            scope.cancel()
+        self._background.cancel()
+
+    def _raise_if_unusable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed or self._closing:
+            raise LocalProtocolError("session is closed")
+
+    async def _close(self) -> None:
+        """Clean close: goodbye, wait briefly for the peer's, then close (or reset) the stream."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._error is None and self._proto.our_state is State.OPEN:
+            try:
+                with trio.fail_after(RESET_DEADLINE + GOODBYE_LINGER):
+                    await self._write(self._proto.goodbye())
+            except (P2PError, trio.TooSlowError):
+                pass
+        if self._error is None and self._proto.their_state is State.OPEN:
+            # From now on the reader drops messages; draining releases it if it is blocked on
+            # a full queue. Then give the peer a moment to say goodbye too.
+            self._drain_queue()
+            with trio.move_on_after(GOODBYE_LINGER):
+                await self._reader_done.wait()
+        clean = self._error is None and self._proto.their_state is State.DONE and self._proto.our_state is State.DONE
+        self._closed = True
+        self._queue_send.close()
+        self._background.cancel()
+        await self._release_stream(clean)
+
+    async def _abort(self, reason: BaseException | None = None) -> None:
+        """Failure close: reset the stream without ceremony."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            self._error = reason or LocalProtocolError("session aborted")
+        self._fail(self._error)
+        await self._release_stream(clean=False)
+
+    async def _release_stream(self, clean: bool) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(RESET_DEADLINE):
+                try:
+                    if clean:
+                        await self._stream.close()
+                    else:
+                        await self._stream.reset()
+                except Exception:  # the stream is being thrown away; nothing useful to do
+                    pass
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+
+    # -- internals: I/O ------------------------------------------------------------------------
+    async def _write(self, buffers: list[bytes | memoryview]) -> None:
+        async with self._write_lock:
+            self._raise_if_failed()
+            await self._write_locked(buffers)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def _write_locked(self, buffers: list[bytes | memoryview]) -> None:
+        completed = False
+        scope = trio.CancelScope()
+        self._cancel_on_fail.add(scope)
+        try:
+            with scope:
+                self._write_progress_at = trio.current_time()
+                for chunk in _chunks(buffers):
+                    await self._stream.write(chunk)
+                    self._write_progress_at = trio.current_time()
+                completed = True
+        except _STREAM_ERRORS as exc:
+            self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
+            raise self._error from exc  # type: ignore[misc]
+        finally:
+            self._write_progress_at = None
+            self._cancel_on_fail.discard(scope)
+            if not completed and self._error is None:
+                # cancelled from outside (a caller's deadline) in the middle of a frame: the
+                # byte stream is now unusable for both sides
+                self._fail(LocalProtocolError("a send was cancelled mid-frame; the session is unusable"))
+        if not completed:  # cancelled by _fail: report why
+            raise self._error  # type: ignore[misc]
+        self._last_tx = trio.current_time()
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                self._alive_at = trio.current_time()
+                self._reader_waiting = True
+                try:
+                    data = await self._stream.read(READ_SIZE)
+                except EOFError:  # libp2p's StreamEOF: clean FIN or connection gone alike
+                    data = b""
+                except _STREAM_ERRORS as exc:
+                    self._fail(PeerBrokenError(f"stream from {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+                    return
+                finally:
+                    self._reader_waiting = False
+                self._alive_at = trio.current_time()
+                if not data:
+                    try:
+                        self._proto.receive_eof()
+                    except PeerBrokenError as exc:
+                        exc.peer_id = self.peer_id
+                        self._fail(exc)
+                    return
+                try:
+                    messages = self._proto.receive_data(data)
+                except RemoteProtocolError as exc:
+                    await self._report_protocol_error(exc)
+                    return
+                for msg in messages:
+                    if type(msg) is Goodbye:
+                        self._queue_send.close()
+                        return
+                    if not self._closing:
+                        try:
+                            await self._queue_send.send(msg)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return
+        finally:
+            self._reader_waiting = False
+            self._reader_done.set()
+
+    async def _report_protocol_error(self, exc: RemoteProtocolError) -> None:
+        """Tell the peer what was wrong with its bytes (best effort), then fail."""
+        logger.debug("protocol error from %s on %s: %s", self.peer_id, self.protocol_id, exc)
+        if not self._write_lock.locked() and self._proto.our_state is State.OPEN:
+            frame = encode(ErrorMessage(ErrorCode.PROTOCOL_ERROR, str(exc)[:1000])) + encode(Goodbye())
+            with trio.move_on_after(RESET_DEADLINE):
+                async with self._write_lock:
+                    try:
+                        await self._stream.write(b"".join(frame))
+                    except _STREAM_ERRORS:
+                        pass
+        self._fail(exc)
+
+    async def _heartbeats(self) -> None:
+        while self._proto.our_state is State.OPEN and self._error is None:
+            await trio.sleep_until(self._last_tx + HEARTBEAT_INTERVAL)
+            if trio.current_time() - self._last_tx < HEARTBEAT_INTERVAL or self._write_lock.locked():
+                continue
+            if self._proto.our_state is not State.OPEN or self._closing:
+                return
+            try:
+                await self._write(self._proto.heartbeat())
+            except P2PError:
+                return
+
+    async def _watchdog(self) -> None:
+        last_tick = trio.current_time()
+        while True:
+            await trio.sleep(WATCHDOG_TICK)
+            now = trio.current_time()
+            stalled = now - last_tick > 2 * HEARTBEAT_INTERVAL
+            last_tick = now
+            if stalled:
+                # our own event loop was blocked; bytes may be waiting unread. Judge next tick.
+                self._alive_at = max(self._alive_at, now)
+                if self._write_progress_at is not None:
+                    self._write_progress_at = max(self._write_progress_at, now)
+                continue
+            if self._reader_waiting and now - self._alive_at > HEARTBEAT_TIMEOUT:
+                silent = now - self._alive_at
+                self._fail(PeerFrozenError(f"{self.peer_id} sent nothing for {silent:.1f}s (no heartbeats)", peer_id=self.peer_id))
+                return
+            progress = self._write_progress_at
+            if progress is not None and now - progress > WRITE_STALL_DEADLINE:
+                self._fail(PeerTimeoutError(f"{self.peer_id} accepted no bytes for {now - progress:.1f}s", peer_id=self.peer_id))
+                return
+
+
+@asynccontextmanager
+async def run_session(stream: Any, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE) -> AsyncIterator[Session]:
+    """Run a `Session` over `stream` for the duration of the block.
+
+    A normal exit says goodbye and closes the stream cleanly; an exception resets it.
+    """
+    session = Session(stream, peer_id, protocol_id, max_frame_size=max_frame_size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session._serve)
+        try:
+            yield session
+        except BaseException as exc:
+            await session._abort(exc if isinstance(exc, Exception) else None)
+            raise
+        else:
+            await session._close()
+        finally:
+            session._background.cancel()

@@ -1,0 +1,148 @@
+"""`Tensor`: a dtype, a shape and little-endian bytes, carried as raw payload after a frame header.
+
+Conversion to and from torch shares memory where it can: `Tensor.from_torch` views a contiguous
+CPU tensor's bytes without copying, and `Tensor.to_torch` wraps received bytes with
+`torch.frombuffer` (the decoder gives every frame its own writable buffer, so this is zero-copy
+on receive). torch is imported lazily (the wire format itself does not need it), so import torch
+before starting a host: a first import inside the event loop blocks it for seconds, and peers
+then see a frozen node.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._constants import MAX_TENSOR_NDIM
+from ._errors import LocalProtocolError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch supports today
+    raise ImportError("lamina's wire format is little-endian; big-endian hosts are not supported")
+
+# wire name -> item size in bytes. The wire name is also the torch attribute name.
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, name)
+
+
+def _wire_dtype(dtype: "torch.dtype") -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_SIZES:
+        raise LocalProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(DTYPE_SIZES)}")
+    return name
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Tensor:
+    """An n-dimensional array on the wire: `dtype` (a name in `DTYPE_SIZES`), `shape`, `data`.
+
+    `data` is any C-contiguous buffer (bytes, bytearray, memoryview, numpy array) holding exactly
+    ``numel * itemsize`` little-endian bytes; it is kept as a byte memoryview without copying.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_SIZES:
+            raise LocalProtocolError(f"unknown tensor dtype {self.dtype!r}; supported: {sorted(DTYPE_SIZES)}")
+        shape = self.shape
+        if not isinstance(shape, (tuple, list)):
+            raise LocalProtocolError(f"tensor shape must be a tuple of ints, got {type(shape).__name__}")
+        if len(shape) > MAX_TENSOR_NDIM:
+            raise LocalProtocolError(f"tensor has {len(shape)} dimensions, at most {MAX_TENSOR_NDIM} allowed")
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                raise LocalProtocolError(f"tensor dimensions must be non-negative ints, got {shape!r}")
+        object.__setattr__(self, "shape", tuple(shape))
+        try:
+            view = self.data if isinstance(self.data, memoryview) else memoryview(self.data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"tensor data must be a C-contiguous buffer: {exc}") from exc
+        expected = math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        if view.nbytes != expected:
+            raise LocalProtocolError(
+                f"tensor data has {view.nbytes} bytes, {self.dtype}{list(self.shape)} needs {expected}"
+            )
+        object.__setattr__(self, "data", view)
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    # -- conversions -------------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, tensor: "torch.Tensor") -> "Tensor":
+        """Wrap a torch tensor. Contiguous CPU tensors are shared, not copied: do not modify
+        the tensor until the message carrying it has been sent."""
+        import torch
+
+        dtype = _wire_dtype(tensor.dtype)
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.numel() == 0:
+            return cls(dtype, tuple(t.shape), memoryview(b""))
+        raw = t.reshape(-1).view(torch.uint8)
+        return cls(dtype, tuple(t.shape), memoryview(raw.numpy()))
+
+    def to_torch(self) -> "torch.Tensor":
+        """A torch tensor over the same bytes when they are writable (the receive path), else a
+        copy (torch cannot safely alias read-only memory)."""
+        import torch
+
+        dtype = _torch_dtype(self.dtype)
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=dtype)
+        buffer: Any = self.data if not self.data.readonly else bytearray(self.data)
+        return torch.frombuffer(buffer, dtype=dtype, count=self.numel).reshape(self.shape)
+
+    # -- value semantics ---------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return self.dtype == other.dtype and self.shape == other.shape and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.dtype}{list(self.shape)}, {self.nbytes} bytes)"

@@ -1,0 +1,257 @@
+"""The frame format, sans-IO: `encode(msg)` gives buffers, `FrameDecoder.feed(data)` gives messages.
+
+Wire format (all integers little-endian; pinned by tests/test_p2p_wire.py golden vectors)::
+
+    frame  := body_len:u32  body                       body_len <= max_frame_size
+    body   := header_len:u32  header  (pad  tensor)*   header_len <= MAX_HEADER_SIZE
+    header := msgpack [version=1, type_tag:str, fields:{str: value}, tensors:[[name, dtype, shape]]]
+    pad    := zero bytes so that each tensor starts at a multiple of 8 from the body start
+
+`tensors` lists the message's non-None `Tensor` fields in declaration order; their bytes follow
+the header in that order (``numel * itemsize`` each, C order, little-endian) and end the body
+exactly. Every check is strict: unknown type tags, unknown or missing fields, wrong types,
+non-zero padding, trailing or missing bytes are all `RemoteProtocolError`. msgpack extension
+types are refused; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import msgpack
+
+from ._constants import (
+    FRAME_PREFIX_SIZE,
+    HEADER_LEN_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_SIZE,
+    MAX_TENSOR_NDIM,
+    MAX_TENSORS_PER_MESSAGE,
+    PREALLOCATE_LIMIT,
+    TENSOR_ALIGNMENT,
+    WIRE_VERSION,
+)
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._messages import REGISTRY, Message, _construct, _Invalid, _spec
+from ._tensor import DTYPE_SIZES, Tensor
+
+__all__ = ["encode", "encode_bytes", "FrameDecoder"]
+
+_PREFIX = struct.Struct("<II")  # body_len, header_len
+_ZEROS = bytes(TENSOR_ALIGNMENT)
+
+
+def _pack_default(obj: Any) -> Any:
+    if isinstance(obj, Message):
+        if isinstance(obj, Message) and _spec(type(obj)).tensor_fields:
+            raise TypeError("nested messages cannot carry tensors")
+        return {f.name: getattr(obj, f.name) for f in _spec(type(obj)).fields}
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def encode(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> list[bytes | memoryview]:
+    """The frame for `msg` as a list of buffers; tensor bytes are not copied.
+
+    Raises `LocalProtocolError` if the message type is not registered or the frame is too big.
+    """
+    cls = type(msg)
+    if not cls.TYPE or REGISTRY.get(cls.TYPE) is not cls:
+        raise LocalProtocolError(f"{cls.__name__} is not a registered message type (use @p2p.message)")
+    spec = _spec(cls)
+    fields: dict[str, Any] = {}
+    tensors: list[tuple[str, Tensor]] = []
+    for f in spec.fields:
+        value = getattr(msg, f.name)
+        if f.is_tensor and value is not None:
+            tensors.append((f.name, value))
+        else:
+            fields[f.name] = value
+    descriptors = [[name, t.dtype, list(t.shape)] for name, t in tensors]
+    try:
+        header = msgpack.packb([WIRE_VERSION, cls.TYPE, fields, descriptors], use_bin_type=True, default=_pack_default)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {cls.__name__}: {exc}") from exc
+    if len(header) > MAX_HEADER_SIZE:
+        raise LocalProtocolError(f"{cls.__name__} header is {len(header)} bytes, max {MAX_HEADER_SIZE}")
+
+    pos = HEADER_LEN_SIZE + len(header)  # offset from the body start
+    first_pad = 0
+    tail: list[bytes | memoryview] = []
+    for i, (_, t) in enumerate(tensors):
+        pad = -pos % TENSOR_ALIGNMENT
+        if i == 0:
+            first_pad = pad
+        elif pad:
+            tail.append(_ZEROS[:pad])
+        pos += pad
+        if t.nbytes:
+            tail.append(t.data)
+        pos += t.nbytes
+    if pos > max_frame_size:
+        raise LocalProtocolError(f"{cls.__name__} frame is {pos} bytes, max {max_frame_size}")
+    return [_PREFIX.pack(pos, len(header)) + header + _ZEROS[:first_pad], *tail]
+
+
+def encode_bytes(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> bytes:
+    """The frame for `msg` as one bytes object (copies tensor bytes)."""
+    return b"".join(encode(msg, max_frame_size=max_frame_size))
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[Message]] | None = None) -> Message:
+    """Decode one frame body (without its length prefix). Tensors alias `body`."""
+    registry = REGISTRY if registry is None else registry
+    view = memoryview(body)
+    size = view.nbytes
+    if size < HEADER_LEN_SIZE:
+        raise RemoteProtocolError(f"frame body of {size} bytes is too short")
+    header_len = int.from_bytes(view[:HEADER_LEN_SIZE], "little")
+    if header_len > MAX_HEADER_SIZE or HEADER_LEN_SIZE + header_len > size:
+        raise RemoteProtocolError(f"header length {header_len} does not fit a {size}-byte body")
+    try:
+        header = msgpack.unpackb(
+            view[HEADER_LEN_SIZE : HEADER_LEN_SIZE + header_len],
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            timestamp=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise RemoteProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not (isinstance(header, list) and len(header) == 4):
+        raise RemoteProtocolError("header must be a 4-element array")
+    version, tag, fields, descriptors = header
+    if version != WIRE_VERSION or type(version) is not int:
+        raise RemoteProtocolError(f"unsupported wire version {version!r}")
+    if type(tag) is not str:
+        raise RemoteProtocolError("message type tag must be a string")
+    cls = registry.get(tag)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {tag[:64]!r}")
+    if type(fields) is not dict:
+        raise RemoteProtocolError("message fields must be a map")
+    if type(descriptors) is not list or len(descriptors) > MAX_TENSORS_PER_MESSAGE:
+        raise RemoteProtocolError("tensor descriptors must be a short array")
+
+    spec = _spec(cls)
+    tensor_names = spec.tensor_fields
+    pos = HEADER_LEN_SIZE + header_len
+    next_index = 0
+    values = dict(fields)
+    for desc in descriptors:
+        if not (type(desc) is list and len(desc) == 3):
+            raise RemoteProtocolError("tensor descriptor must be [name, dtype, shape]")
+        name, dtype, shape = desc
+        if type(name) is not str or name not in tensor_names[next_index:]:
+            raise RemoteProtocolError(f"tensor {str(name)[:64]!r} is not a tensor field of {tag} (or out of order)")
+        next_index = tensor_names.index(name) + 1
+        if name in values:
+            raise RemoteProtocolError(f"tensor field {name!r} also appears in the header fields")
+        if type(dtype) is not str or dtype not in DTYPE_SIZES:
+            raise RemoteProtocolError(f"unknown tensor dtype {str(dtype)[:32]!r}")
+        if type(shape) is not list or len(shape) > MAX_TENSOR_NDIM or any(type(d) is not int or d < 0 for d in shape):
+            raise RemoteProtocolError(f"invalid tensor shape for {name!r}")
+        pad = -pos % TENSOR_ALIGNMENT
+        if pos + pad > size or any(view[pos : pos + pad]):
+            raise RemoteProtocolError("tensor padding is missing or not zero")
+        pos += pad
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if nbytes > size - pos:
+            raise RemoteProtocolError(f"tensor {name!r} needs {nbytes} bytes, the frame has {size - pos} left")
+        values[name] = Tensor(dtype, tuple(shape), view[pos : pos + nbytes])
+        pos += nbytes
+    if pos != size:
+        raise RemoteProtocolError(f"{size - pos} unexpected bytes after the message payload")
+    try:
+        return _construct(cls, spec, values)
+    except (_Invalid, LocalProtocolError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
+
+
+class FrameDecoder:
+    """Incremental frame decoder: feed it bytes in any chunking, get whole messages out.
+
+    A length prefix above `max_frame_size` is refused before any of the body is buffered. After
+    an error the decoder stays failed and re-raises it. `feed_eof()` tells whether the stream
+    ended at a frame boundary.
+    """
+
+    def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE, registry: dict[str, type[Message]] | None = None):
+        self.max_frame_size = max_frame_size
+        self._registry = registry
+        self._prefix = bytearray()
+        self._body: bytearray | None = None
+        self._expected = 0
+        self._filled = 0
+        self._preallocated = False
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def in_frame(self) -> bool:
+        """True when part of a frame has been received (EOF now would truncate it)."""
+        return bool(self._prefix) or self._body is not None
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """(bytes received, bytes expected) of the frame in progress; (0, 0) between frames."""
+        if self._body is None:
+            return (len(self._prefix), FRAME_PREFIX_SIZE if self._prefix else 0)
+        return (FRAME_PREFIX_SIZE + self._filled, FRAME_PREFIX_SIZE + self._expected)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(memoryview(data).cast("B"))
+        except RemoteProtocolError as exc:
+            self._error = exc
+            self._body = None
+            raise
+
+    def _feed(self, view: memoryview) -> list[Message]:
+        out: list[Message] = []
+        while view.nbytes:
+            if self._body is None:
+                need = FRAME_PREFIX_SIZE - len(self._prefix)
+                self._prefix += view[:need]
+                view = view[need:]
+                if len(self._prefix) < FRAME_PREFIX_SIZE:
+                    break
+                length = int.from_bytes(self._prefix, "little")
+                self._prefix.clear()
+                if length > self.max_frame_size:
+                    raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
+                if length < HEADER_LEN_SIZE:
+                    raise RemoteProtocolError(f"frame of {length} bytes is too short")
+                self._expected = length
+                self._filled = 0
+                self._preallocated = length <= PREALLOCATE_LIMIT
+                # Small bodies are allocated at once; big ones grow as bytes arrive, so a peer
+                # cannot make us reserve a large buffer with a 4-byte lie.
+                self._body = bytearray(length) if self._preallocated else bytearray()
+            take = min(view.nbytes, self._expected - self._filled)
+            if self._preallocated:
+                self._body[self._filled : self._filled + take] = view[:take]
+            else:
+                self._body += view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self._expected:
+                body, self._body = self._body, None
+                out.append(decode_body(body, self._registry))
+        return out
+
+    def feed_eof(self) -> None:
+        """Raise `RemoteProtocolError` if the stream ended inside a frame."""
+        if self._error is not None:
+            raise self._error
+        if self.in_frame:
+            got, expected = self.pending
+            self._error = RemoteProtocolError(f"stream ended inside a frame ({got} of {expected} bytes)")
+            raise self._error
