@@ -138,7 +138,11 @@ class SpanServer:
             raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, not {type(msg).TYPE}")
         sess = self._open(msg, stream)
         try:
-            await stream.send(SessionOpened(sess.session_id, sess.start, sess.end, sess.max_length))
+            try:
+                await stream.send(SessionOpened(sess.session_id, sess.start, sess.end, sess.max_length))
+            except p2p.P2PError as exc:
+                logger.debug("session %s: the client left before it opened: %r", sess.session_id[:8], exc)
+                return
             logger.info("session %s opened by %s: blocks %d:%d, batch %d, max_length %d",
                         sess.session_id[:8], peer_id, sess.start, sess.end, sess.batch, sess.max_length)
             ended: Exception | None = None
@@ -220,6 +224,7 @@ class SpanServer:
                     await self._fail(sess, 0, StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream"))
                 else:
                     sess.next_peer, sess.next_session = msg.next_peer, msg.next_session
+                    sess.pusher.rewired()
             elif kind is CloseSession:
                 if msg.session_id == sess.session_id:
                     return
@@ -339,7 +344,8 @@ async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | No
     with trio.move_on_after(OPEN_DEADLINE):
         try:
             return await stream.receive()
-        except p2p.EndOfSession:
+        except (p2p.EndOfSession, p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
+            logger.debug("a stream ended before its %s: %r", expected, exc)
             return None
     raise p2p.RemoteError(BAD_REQUEST, f"no {expected} within {OPEN_DEADLINE}s")
 
@@ -353,27 +359,42 @@ class _Pusher:
         self.sess = sess
         self._send, self._receive = trio.open_memory_channel[_PushItem](PUSH_QUEUE)
         self._last_step_id = 0
+        self._target_peer = ""
+        # A target that failed stays failed (its pushes fail at once, without a new dial each)
+        # until the client rewires the session with SetNextHop, even to the same target.
+        self._failed: tuple[tuple[str, str], str] | None = None
 
     async def enqueue(self, item: _PushItem) -> None:
         await self._send.send(item)
+
+    def rewired(self) -> None:
+        self._failed = None
 
     async def serve(self) -> None:
         item: _PushItem | None = None
         while True:
             if item is None:
                 item = await self._receive.receive()
+            if self._failed is not None and self._failed[0] == (item.peer, item.session_id):
+                await self._report(item.step.step_id, self._failed[1])
+                item = None
+                continue
             try:
                 item = await self._stream_to(item)
             except (p2p.P2PError, trio.TooSlowError) as exc:
                 logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
-                await self.server.to_client(self.sess, PushFailed(self.sess.session_id, self._last_step_id,
-                                                                  f"push to {self._target_peer} failed: {exc}"[:1000]))
+                reason = f"push to {self._target_peer} failed: {exc!r}"[:1000]
+                self._failed = ((self._target_peer, self._target_session), reason)
+                await self._report(self._last_step_id, reason)
                 item = None
+
+    async def _report(self, step_id: int, reason: str) -> None:
+        await self.server.to_client(self.sess, PushFailed(self.sess.session_id, step_id, reason))
 
     async def _stream_to(self, item: _PushItem) -> _PushItem:
         """Push to item's target until an item for another target comes; return that item."""
         target = (item.peer, item.session_id)
-        self._target_peer = item.peer
+        self._target_peer, self._target_session = target
         self._last_step_id = item.step.step_id
         learn_addrs(self.server.host, item.peer, self.server.peer_addrs(item.peer))
         failure: list[BaseException] = []

@@ -358,4 +358,10 @@ async def test_push_failure_reports_and_keeps_the_session(micro_model, tmp_path)
             got = [await up.receive(), await up.receive()]
             assert sorted(type(m).__name__ for m in got) == ["PushFailed", "StepResult"], got
             close(next(m for m in got if type(m) is StepResult).hidden.to_torch(), local(hidden(3, 1), 3))
-            close(await up.step(hidden(4, 1), 4, push=False), local(hidden(4, 1), 4))
+            # the failed target stays failed until the next SetNextHop: reported at once, no new dial
+            await up.send_step(hidden(4, 1), 4)
+            got = [await up.receive(), await up.receive()]
+            assert sorted(type(m).__name__ for m in got) == ["PushFailed", "StepResult"], got
+            assert all(m.step_id == up.step_id for m in got)
+            close(next(m for m in got if type(m) is StepResult).hidden.to_torch(), local(hidden(4, 1), 4))
+            close(await up.step(hidden(5, 1), 5, push=False), local(hidden(5, 1), 5))
