@@ -139,11 +139,19 @@ class Node:
         return CacheBudget(tokens, self.config.max_sessions)
 
     # -- loops -------------------------------------------------------------------------------
+    def _next_servers(self) -> list[crdt.ServerRecord]:
+        return next_block_servers(self.view.servers(self.model.config_hash), self.view.peer_id, self.live.end)
+
     async def _rtt_loop(self) -> None:
+        """Ping the next blocks' servers every RTT_INTERVAL, and at once when that set changes."""
         while True:
-            records = next_block_servers(self.view.servers(self.model.config_hash), self.view.peer_id, self.live.end)
+            records = self._next_servers()
             self.rtts = await measure_rtts(self.host, records) if records else {}
-            await trio.sleep(RTT_INTERVAL)
+            peers = {r.peer_id for r in records}
+            generation = self.view.generation
+            with trio.move_on_after(RTT_INTERVAL):
+                while {r.peer_id for r in self._next_servers()} == peers:
+                    generation = await self.view.wait_changed(generation)
 
     async def _rebalance_loop(self) -> None:
         total = self.checkpoint.config.num_hidden_layers

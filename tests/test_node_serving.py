@@ -365,3 +365,36 @@ async def test_push_failure_reports_and_keeps_the_session(micro_model, tmp_path)
             assert all(m.step_id == up.step_id for m in got)
             close(next(m for m in got if type(m) is StepResult).hidden.to_torch(), local(hidden(4, 1), 4))
             close(await up.step(hidden(5, 1), 5, push=False), local(hidden(5, 1), 5))
+
+
+# -- announcing --------------------------------------------------------------------------------
+async def test_records_announce_span_load_rtts_and_drain(micro_model, tmp_path) -> None:
+    import crdt
+
+    async with running_node(micro_model, tmp_path, blocks=(2, 4), heartbeat=0.3) as b:
+        async with running_node(micro_model, tmp_path, blocks=(0, 2), heartbeat=0.3, initial_peers=b.addrs) as a, \
+                client_host(a) as host:
+            a_id, b_id = crdt.peer_id_from_str(a.peer_id), crdt.peer_id_from_str(b.peer_id)
+
+            def record_of(peer: bytes):
+                signed = b.view.state.get(peer)
+                return signed.record if signed is not None else None
+
+            async def until(predicate) -> None:
+                with trio.fail_after(DEADLINE):
+                    await b.view.wait_until(lambda state: predicate(record_of(a_id)))
+
+            # A's record as B sees it: span, model, throughput, its RTT to B (the next blocks)
+            await until(lambda r: r is not None and r.state is crdt.ServerState.ONLINE and r.rtt_to(b_id) is not None)
+            r = record_of(a_id)
+            assert (r.start, r.end, r.model.config_hash.hex()) == (0, 2, model_hash(micro_model))
+            assert r.throughput > 0 and r.inference_rps == pytest.approx(2 * r.throughput)
+            assert r.load.active_sessions == 0 and r.load.free_cache_tokens == a.server.budget.total_tokens
+            assert any(addr.endswith(a.peer_id) for addr in r.addrs)
+            async with remote_session(host, a, start=0, end=2, max_length=10) as remote:
+                await until(lambda r: r.load.active_sessions == 1)
+                assert record_of(a_id).load.free_cache_tokens == a.server.budget.total_tokens - 10
+                a.request_drain()
+                await until(lambda r: r.state is crdt.ServerState.DRAINING)
+                await remote.step(hidden(0, 2), 0)  # still served while draining
+            await until(lambda r: r.state is crdt.ServerState.OFFLINE)
