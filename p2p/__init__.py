@@ -46,7 +46,7 @@ from ._errors import (
     UnsupportedProtocolError,
 )
 from ._gossip import Gossip, GossipMessage, GossipSubscription
-from ._host import Host, HostConfig, PeerCallback, SessionHandler, UnaryHandler, open_host
+from ._host import Host, HostConfig, PeerCallback, SessionHandler, UnaryHandler, open_host, serve_host
 from ._identity import Identity, peer_id_from_public_key, verify_signature
 from ._logging import quiet_libp2p_logging
 from ._messages import REGISTRY, ErrorMessage, Goodbye, Heartbeat, Message, field, message, message_class
@@ -64,6 +64,7 @@ __all__ = [
     "HostConfig",
     "Host",
     "open_host",
+    "serve_host",
     "UnaryHandler",
     "SessionHandler",
     "PeerCallback",

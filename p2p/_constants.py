@@ -27,7 +27,7 @@ HEARTBEAT_INTERVAL = 0.5  # a session sends a heartbeat when it has sent nothing
 HEARTBEAT_TIMEOUT = 2.0
 WATCHDOG_TICK = 0.2
 WRITE_STALL_DEADLINE = 10.0  # a write chunk that makes no progress for this long => PeerTimeoutError
-WRITE_CHUNK = 1024 * 1024  # big frames are written in pieces of this size
+WRITE_CHUNK = 512 * 1024  # big frames are written in pieces; deadlines act between pieces
 OPEN_STREAM_DEADLINE = 10.0  # dial (if needed) + stream open + protocol negotiation
 GOODBYE_LINGER = 1.0  # after our goodbye, wait this long for the peer's before resetting
 RESET_DEADLINE = 1.0  # best-effort sends on a failing stream (error frame, reset)

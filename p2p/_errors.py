@@ -94,3 +94,20 @@ class RemoteError(P2PError):
         self.code = code
         self.message = message[:MAX_ERROR_MESSAGE_LEN]
         self.peer_id = peer_id
+
+
+def reraise_single(group: BaseExceptionGroup) -> None:
+    """Inside ``except BaseExceptionGroup``: re-raise the group's only leaf exception as itself
+    (with its own traceback and context), or the group when it holds several."""
+    excs: tuple[BaseException, ...] = group.exceptions
+    while len(excs) == 1 and isinstance(excs[0], BaseExceptionGroup):
+        excs = excs[0].exceptions
+    if len(excs) != 1:
+        raise group
+    leaf = excs[0]
+    context = leaf.__context__
+    try:
+        raise leaf
+    finally:
+        leaf.__context__ = context  # not the group we are unwrapping
+        del leaf, context

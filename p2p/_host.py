@@ -24,6 +24,7 @@ from libp2p import new_host
 from libp2p.abc import INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -54,6 +55,7 @@ from ._errors import (
     RemoteError,
     RemoteProtocolError,
     UnsupportedProtocolError,
+    reraise_single,
 )
 from ._gossip import Gossip
 from ._identity import Identity
@@ -63,7 +65,7 @@ from ._session import Session, run_session
 
 logger = logging.getLogger("lamina.p2p")
 
-__all__ = ["HostConfig", "Host", "open_host", "UnaryHandler", "SessionHandler", "PeerCallback"]
+__all__ = ["HostConfig", "Host", "open_host", "serve_host", "UnaryHandler", "SessionHandler", "PeerCallback"]
 
 UnaryHandler = Callable[[ID, Message], Awaitable[Message]]
 SessionHandler = Callable[[ID, Session], Awaitable[None]]
@@ -545,30 +547,104 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     host = Host(config, h)
     host_ref.append(host)
     listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
-    async with h.run(listen):
+    try:
+        async with h.run(listen):
+            _reap_inbound_handlers(h)
+            try:
+                async with trio.open_nursery() as nursery:
+                    host._nursery = nursery
+                    try:
+                        # gossip first: py-libp2p's pubsub ignores connections made before it starts
+                        if config.enable_gossip:
+                            host.gossip = Gossip(h, config.gossip_topics, max_message_size=config.gossip_max_message_size)
+                            await nursery.start(host.gossip.serve)
+                        if config.enable_dht:
+                            our_ips = [ip for a in h.get_addrs() if (ip := _ip_of(a))]
+                            boot_ips = [ip for a in config.bootstrap_peers if (ip := _ip_of(multiaddr.Multiaddr(a)))]
+                            mode = resolve_dht_mode(config.dht_mode, our_ips, boot_ips, bool(config.announce_addrs))  # type: ignore[arg-type]
+                            host.dht = DHT(h, mode)
+                            await nursery.start(host.dht.serve)
+                        h.get_network().register_notifee(_Notifee(host))
+                        await _bootstrap(host)
+                        yield host
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                host._nursery = None
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await _close_connections(h)
+                    await h.close()  # inside run(): leaving run() alone leaves connections open
+    except BaseExceptionGroup as group:
+        # py-libp2p's and our nurseries wrap whatever the body raised; hand it on as itself
+        reraise_single(group)
+
+
+class _ClosingTCPStream(TrioTCPStream):
+    """A TCP stream that says when it has been closed."""
+
+    def __init__(self, stream: trio.SocketStream, closed: trio.Event) -> None:
+        super().__init__(stream)
+        self._closed_event = closed
+
+    async def close(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                host._nursery = nursery
-                try:
-                    # gossip first: py-libp2p's pubsub ignores connections made before it starts
-                    if config.enable_gossip:
-                        host.gossip = Gossip(h, config.gossip_topics, max_message_size=config.gossip_max_message_size)
-                        await nursery.start(host.gossip.serve)
-                    if config.enable_dht:
-                        our_ips = [ip for a in h.get_addrs() if (ip := _ip_of(a))]
-                        boot_ips = [ip for a in config.bootstrap_peers if (ip := _ip_of(multiaddr.Multiaddr(a)))]
-                        mode = resolve_dht_mode(config.dht_mode, our_ips, boot_ips, bool(config.announce_addrs))  # type: ignore[arg-type]
-                        host.dht = DHT(h, mode)
-                        await nursery.start(host.dht.serve)
-                    h.get_network().register_notifee(_Notifee(host))
-                    await _bootstrap(host)
-                    yield host
-                finally:
-                    nursery.cancel_scope.cancel()
+            await super().close()
         finally:
-            host._nursery = None
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await h.close()  # inside run(): leaving run() alone leaves connections open
+            self._closed_event.set()
+
+
+def _reap_inbound_handlers(h: Any) -> None:
+    """py-libp2p keeps the listener task of every inbound connection alive until the swarm
+    stops ("intentional barrier"), so a long-running node leaks a task per connection ever
+    accepted. Wrap each TCP listener's handler so that task ends when its socket is closed."""
+    for listener in h.get_network().listeners.values():
+        handler = getattr(listener, "handler", None)
+        if handler is None or getattr(handler, "_lamina_reaping", False):
+            continue
+
+        async def reaping(stream: Any, _handler: Any = handler) -> None:
+            if not isinstance(stream, TrioTCPStream):
+                await _handler(stream)
+                return
+            closed = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    try:
+                        await _handler(_ClosingTCPStream(stream.stream, closed))
+                    finally:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run)
+                await closed.wait()
+                nursery.cancel_scope.cancel()
+
+        reaping._lamina_reaping = True  # type: ignore[attr-defined]
+        listener.handler = reaping
+
+
+async def _close_connections(h: Any) -> None:
+    """Close every connection at once: py-libp2p closes them one by one, ~0.2 s each (yamux and
+    the swarm both sleep 0.1 s while closing), which is 10 s for a node with 50 peers."""
+
+    async def close(conn: Any) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            logger.debug("closing %r: %r", conn, exc)
+
+    async with trio.open_nursery() as nursery:
+        for conns in list(h.get_network().connections.values()):
+            for conn in list(conns):
+                nursery.start_soon(close, conn)
+
+
+async def serve_host(config: HostConfig, *, task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED) -> None:
+    """`open_host` as a trio service: ``host = await nursery.start(serve_host, config)``; the
+    host runs until the nursery is cancelled."""
+    async with open_host(config) as host:
+        task_status.started(host)
+        await trio.sleep_forever()
 
 
 async def _bootstrap(host: Host) -> None:

@@ -50,6 +50,7 @@ from ._errors import (
     PeerTimeoutError,
     RemoteError,
     RemoteProtocolError,
+    reraise_single,
 )
 from ._messages import ErrorMessage, Goodbye, Message
 from ._protocol import SessionProtocol, State
@@ -103,6 +104,8 @@ class Session:
         self._alive_at = now  # last time the peer showed signs of life (or we started waiting)
         self._reader_waiting = False
         self._write_progress_at: float | None = None  # set while a write is in progress
+        self._in_flight: trio.CancelScope | None = None  # the shielded libp2p write under way
+        self._connection_corrupt = False
 
     def __repr__(self) -> str:
         return f"<Session {self.protocol_id} with {self.peer_id}>"
@@ -160,14 +163,17 @@ class Session:
                 nursery.start_soon(self._watchdog)
                 task_status.started()
 
-    def _fail(self, exc: BaseException) -> None:
-        """Record the first failure, wake every waiter, stop background work."""
+    def _fail(self, exc: BaseException, *, abort_write: bool = False) -> None:
+        """Record the first failure, wake every waiter, stop background work. `abort_write`
+        also aborts a libp2p write in flight (the peer is not taking bytes)."""
         if self._error is None:
             self._error = exc
             logger.debug("session %r failed: %r", self, exc)
         self._queue_send.close()  # receivers drain what is queued, then see the error
         for scope in list(self._cancel_on_fail):
             scope.cancel()
+        if abort_write and self._in_flight is not None:
+            self._in_flight.cancel()
         self._background.cancel()
 
     def _raise_if_unusable(self) -> None:
@@ -210,8 +216,11 @@ class Session:
         await self._release_stream(clean=False)
 
     async def _release_stream(self, clean: bool) -> None:
+        if self._connection_corrupt:
+            await self._kill_connection()
+            return
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(RESET_DEADLINE):
+            with trio.move_on_after(RESET_DEADLINE) as scope:
                 try:
                     if clean:
                         await self._stream.close()
@@ -219,6 +228,23 @@ class Session:
                         await self._stream.reset()
                 except Exception:  # the stream is being thrown away; nothing useful to do
                     pass
+        if scope.cancelled_caught:  # even a 12-byte frame could not be written: wedged
+            await self._kill_connection()
+
+    async def _kill_connection(self) -> None:
+        """Close the TCP connection under the stream. Needed when a write was aborted halfway
+        (the yamux byte stream is corrupt for every stream on it) or the socket is wedged;
+        yamux's own close would first try to write a GO_AWAY frame and block."""
+        logger.debug("closing the connection to %s (%s)", self.peer_id, self._error)
+        secured = getattr(getattr(self._stream, "muxed_conn", None), "secured_conn", None)
+        with trio.CancelScope(shield=True), trio.move_on_after(RESET_DEADLINE):
+            try:
+                if secured is not None:
+                    await secured.close()
+                else:
+                    await self._stream.reset()
+            except Exception:
+                pass
 
     def _drain_queue(self) -> None:
         while True:
@@ -230,36 +256,41 @@ class Session:
     # -- internals: I/O ------------------------------------------------------------------------
     async def _write(self, buffers: list[bytes | memoryview]) -> None:
         async with self._write_lock:
-            self._raise_if_failed()
+            if self._error is not None:
+                raise self._error
             await self._write_locked(buffers)
 
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
     async def _write_locked(self, buffers: list[bytes | memoryview]) -> None:
+        """Write one frame. Each libp2p write is shielded: cancelling py-libp2p in the middle
+        of a write leaves half a yamux or Noise frame on the TCP stream and corrupts the whole
+        connection. A caller's deadline therefore takes effect between chunks (the session is
+        then unusable, the connection is fine); only the watchdog aborts a chunk in flight,
+        and then closes the connection."""
         completed = False
-        scope = trio.CancelScope()
-        self._cancel_on_fail.add(scope)
         try:
-            with scope:
-                self._write_progress_at = trio.current_time()
-                for chunk in _chunks(buffers):
+            self._write_progress_at = trio.current_time()
+            for i, chunk in enumerate(_chunks(buffers)):
+                if i:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                with trio.CancelScope(shield=True) as flight:
+                    self._in_flight = flight
                     await self._stream.write(chunk)
-                    self._write_progress_at = trio.current_time()
-                completed = True
+                self._in_flight = None
+                if flight.cancelled_caught:
+                    self._connection_corrupt = True
+                    raise self._error or PeerTimeoutError("write aborted", peer_id=self.peer_id)
+                self._write_progress_at = trio.current_time()
+            completed = True
         except _STREAM_ERRORS as exc:
             self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
             raise self._error from exc  # type: ignore[misc]
         finally:
+            self._in_flight = None
             self._write_progress_at = None
-            self._cancel_on_fail.discard(scope)
             if not completed and self._error is None:
-                # cancelled from outside (a caller's deadline) in the middle of a frame: the
-                # byte stream is now unusable for both sides
+                # a caller's deadline cut our frame between two chunks: this session's byte
+                # stream is unusable (the peer sees a reset), the connection is intact
                 self._fail(LocalProtocolError("a send was cancelled mid-frame; the session is unusable"))
-        if not completed:  # cancelled by _fail: report why
-            raise self._error  # type: ignore[misc]
         self._last_tx = trio.current_time()
 
     async def _reader(self) -> None:
@@ -307,12 +338,14 @@ class Session:
         logger.debug("protocol error from %s on %s: %s", self.peer_id, self.protocol_id, exc)
         if not self._write_lock.locked() and self._proto.our_state is State.OPEN:
             frame = encode(ErrorMessage(ErrorCode.PROTOCOL_ERROR, str(exc)[:1000])) + encode(Goodbye())
-            with trio.move_on_after(RESET_DEADLINE):
-                async with self._write_lock:
+            async with self._write_lock:
+                with trio.CancelScope(shield=True), trio.move_on_after(RESET_DEADLINE) as scope:
                     try:
                         await self._stream.write(b"".join(frame))
                     except _STREAM_ERRORS:
                         pass
+                if scope.cancelled_caught:
+                    self._connection_corrupt = True
         self._fail(exc)
 
     async def _heartbeats(self) -> None:
@@ -342,11 +375,11 @@ class Session:
                 continue
             if self._reader_waiting and now - self._alive_at > HEARTBEAT_TIMEOUT:
                 silent = now - self._alive_at
-                self._fail(PeerFrozenError(f"{self.peer_id} sent nothing for {silent:.1f}s (no heartbeats)", peer_id=self.peer_id))
+                self._fail(PeerFrozenError(f"{self.peer_id} sent nothing for {silent:.1f}s (no heartbeats)", peer_id=self.peer_id), abort_write=True)
                 return
             progress = self._write_progress_at
             if progress is not None and now - progress > WRITE_STALL_DEADLINE:
-                self._fail(PeerTimeoutError(f"{self.peer_id} accepted no bytes for {now - progress:.1f}s", peer_id=self.peer_id))
+                self._fail(PeerTimeoutError(f"{self.peer_id} accepted no bytes for {now - progress:.1f}s", peer_id=self.peer_id), abort_write=True)
                 return
 
 
@@ -357,14 +390,19 @@ async def run_session(stream: Any, peer_id: ID, protocol_id: str, *, max_frame_s
     A normal exit says goodbye and closes the stream cleanly; an exception resets it.
     """
     session = Session(stream, peer_id, protocol_id, max_frame_size=max_frame_size)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(session._serve)
-        try:
-            yield session
-        except BaseException as exc:
-            await session._abort(exc if isinstance(exc, Exception) else None)
-            raise
-        else:
-            await session._close()
-        finally:
-            session._background.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session._serve)
+            try:
+                yield session
+            except BaseException as exc:
+                await session._abort(exc if isinstance(exc, Exception) else None)
+                raise
+            else:
+                await session._close()
+            finally:
+                session._background.cancel()
+    except BaseExceptionGroup as group:
+        # The background tasks never raise, so this is the body's own exception wrapped by
+        # the nursery: hand it on unwrapped (callers write `except p2p.PeerBrokenError`).
+        reraise_single(group)
