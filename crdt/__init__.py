@@ -14,13 +14,17 @@ Announcing (node side)::
                        expires_ms=wall_ms + 60_000, ...)
     state = state.merge([signer.sign(rec)], now_ms=wall_ms).state
 
-Anti-entropy (see `_sync.py` for the protocol and wire format)::
+Anti-entropy (see `_sync.py` for the hash tree, the protocol and the wire format)::
 
-    d = digest(state_a)                     # ~2 KiB whatever the swarm size
+    d = digest(state_a)                     # 2 KiB whatever the swarm size
     reply = sync(d, state_b)                # Delta or None
     while reply is not None:                # the receiver merges, then answers
         result = receiver_state.merge(reply, now_ms=now)
-        reply = sync(reply, result.state)
+        reply = sync(reply, result.state)   # at most 5 messages per exchange in all
+
+A restarted node should `clock.update(state.get(signer.peer_id).hlc, wall_ms)` before signing, and
+keep leases non-decreasing (an OFFLINE record's lease at least as long as the last ONLINE one), so
+a graceful leave shadows every older record until `gc` collects it.
 
 Messages go on the wire with `encode_message` / `decode_message` (strict, size-limited); single
 records with `SignedRecord.wire` / `decode_record`. Wall time is always passed in (`now_ms`,
@@ -44,10 +48,11 @@ from ._record import (
     decode_record,
 )
 from ._state import DEFAULT_MAX_LEASE_MS, DEFAULT_MAX_SKEW_MS, MergeResult, SwarmConfig, SwarmState
-from ._sync import MAX_DELTA_BYTES, decode_message, digest, encode_message, sync, wire_size
+from ._sync import DEFAULT_SYNC_BUDGET, MAX_DELTA_BYTES, decode_message, digest, encode_message, sync, wire_size
 
 __all__ = [
     "DEFAULT_MAX_LEASE_MS",
+    "DEFAULT_SYNC_BUDGET",
     "DEFAULT_MAX_SKEW_MS",
     "HLC_ZERO",
     "MAX_DELTA_BYTES",

@@ -13,7 +13,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ._errors import RejectReason, ValidationError
 
 ED25519_PUBKEY_PREFIX = bytes([0x08, 0x01, 0x12, 0x20])  # KeyType=Ed25519, Data: 32 bytes
 PUBKEY_PB_LEN = len(ED25519_PUBKEY_PREFIX) + 32  # 36

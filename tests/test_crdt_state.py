@@ -4,7 +4,6 @@ import dataclasses
 import functools
 
 import msgpack
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
