@@ -104,7 +104,7 @@ def _as_float(value: Any, what: str, hi: float, peer_id: bytes | None) -> float:
         value = float(value)
     if type(value) is not float or not math.isfinite(value) or not 0.0 <= value <= hi:
         raise _err(RejectReason.MALFORMED, f"{what} must be a finite float in [0, {hi}], got {value!r}", peer_id)
-    return value
+    return value + 0.0  # -0.0 -> 0.0: one encoding per value
 
 
 @dataclass(frozen=True, slots=True)

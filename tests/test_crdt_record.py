@@ -207,6 +207,10 @@ def test_decode_refuses_non_canonical_and_malformed_bytes():
     idx = body.index(bytes([0x08, 0x18]))  # start=8, end=24 as positive fixints
     wide = bytes(body[:idx]) + b"\xcc\x08" + bytes(body[idx + 1 :])
     assert reason_of(_envelope(wide, signer)) is RejectReason.MALFORMED
+    t_neg = list(t)
+    t_neg[8] = -0.0  # normalised to 0.0 on construction, so its bytes are not canonical
+    assert reason_of(_envelope(msgpack.packb(t_neg, use_bin_type=True), signer)) is RejectReason.MALFORMED
+    assert dataclasses.replace(good.record, throughput=-0.0).encode() == dataclasses.replace(good.record, throughput=0.0).encode()
     # wrong field count, unknown format version, garbage, truncated, trailing bytes
     assert reason_of(_envelope(msgpack.packb(t[:-1], use_bin_type=True), signer)) is RejectReason.MALFORMED
     assert reason_of(_envelope(msgpack.packb([2, *t[1:]], use_bin_type=True), signer)) is RejectReason.MALFORMED
