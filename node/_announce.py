@@ -51,8 +51,9 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 def cached_throughput(cache_dir: Path, key: str) -> float | None:
     entry = _read_cache(cache_dir / THROUGHPUT_FILE).get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("tokens_per_s"), (int, float)) and entry["tokens_per_s"] > 0:
-        return float(entry["tokens_per_s"])
+    value = entry.get("tokens_per_s") if isinstance(entry, dict) else None
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value)
     return None
 
 
@@ -126,7 +127,8 @@ def learn_addrs(host: p2p.Host, peer: str, addrs: list[str]) -> None:
 def next_block_servers(records: list[crdt.ServerRecord], me: bytes, end: int) -> list[crdt.ServerRecord]:
     """Online servers whose span holds block `end` (the block after ours), at most
     `RTT_PEERS`, in peer id order."""
-    found = [r for r in records if r.peer_id != me and r.start <= end < r.end and r.state is crdt.ServerState.ONLINE]
+    found = [r for r in records
+             if r.peer_id != me and r.start <= end < r.end and r.state is crdt.ServerState.ONLINE]
     return sorted(found, key=lambda r: r.peer_id)[:RTT_PEERS]
 
 

@@ -42,7 +42,8 @@ def model_id(checkpoint: Checkpoint) -> crdt.ModelId:
     path = Path(name)
     if path.is_dir() or name.startswith(("/", ".")):
         name = path.resolve().name or "model"
-    return crdt.ModelId(name.encode()[:128].decode(errors="ignore") or "model", bytes.fromhex(checkpoint.model_hash))
+    name = name.encode()[:128].decode(errors="ignore") or "model"
+    return crdt.ModelId(name, bytes.fromhex(checkpoint.model_hash))
 
 
 @dataclass
@@ -219,9 +220,9 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             await nursery.start(view.serve)
             node = Node(config, host, checkpoint, view)
             node.live.start, node.live.end = await node._choose_blocks()
-            fields = record_fields(model=node.model, span=lambda: node.blocks, throughput=lambda: node.live.throughput,
-                                   load=node._load, rtts=lambda: node.rtts, version=VERSION[:32],
-                                   public_name=config.public_name)
+            fields = record_fields(model=node.model, span=lambda: node.blocks,
+                                   throughput=lambda: node.live.throughput, load=node._load,
+                                   rtts=lambda: node.rtts, version=VERSION[:32], public_name=config.public_name)
             node.announcer = Announcer(view, signer_for(identity), fields, heartbeat=config.heartbeat,
                                        lease=config.lease, state=crdt.ServerState.JOINING)
             await nursery.start(node.announcer.serve)

@@ -135,7 +135,8 @@ class SpanServer:
         if msg is None:
             return
         if type(msg) is not OpenSession:
-            raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, not {type(msg).TYPE}")
+            raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, "
+                                               f"not {type(msg).TYPE}")
         sess = self._open(msg, stream)
         try:
             try:
@@ -211,7 +212,8 @@ class SpanServer:
                     return
             if idle.cancelled_caught:
                 if trio.current_time() >= sess.last_active + self.idle_timeout:
-                    raise p2p.RemoteError(IDLE_TIMEOUT, f"session {sess.session_id} was idle for {self.idle_timeout}s")
+                    raise p2p.RemoteError(IDLE_TIMEOUT,
+                                          f"session {sess.session_id} was idle for {self.idle_timeout}s")
                 continue  # a pushed step kept it alive
             sess.last_active = trio.current_time()
             kind = type(msg)
@@ -221,16 +223,16 @@ class SpanServer:
                 await self.run_replay(sess, msg)
             elif kind is SetNextHop:
                 if msg.session_id != sess.session_id:
-                    await self._fail(sess, 0, StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream"))
+                    await self._fail(sess, 0, _not_here(msg.session_id))
                 else:
                     sess.next_peer, sess.next_session = msg.next_peer, msg.next_session
                     sess.pusher.rewired()
             elif kind is CloseSession:
                 if msg.session_id == sess.session_id:
                     return
-                await self._fail(sess, 0, StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream"))
+                await self._fail(sess, 0, _not_here(msg.session_id))
             else:
-                await self._fail(sess, 0, StepError(BAD_REQUEST, f"{kind.TYPE} is not valid on an open inference session"))
+                await self._fail(sess, 0, StepError(BAD_REQUEST, f"{kind.TYPE} is not valid on an open session"))
 
     # -- steps -------------------------------------------------------------------------------
     async def run_step(self, sess: ServedSession, step: Step) -> None:
@@ -287,9 +289,11 @@ class SpanServer:
             raise StepError(INTERNAL, f"forward pass failed: {type(exc).__name__}: {exc}") from None
         return to_wire(out, sess.dtype)
 
-    async def _deliver(self, sess: ServedSession, step_id: int, position: int, out: p2p.Tensor, push: bool) -> None:
+    async def _deliver(self, sess: ServedSession, step_id: int, position: int, out: p2p.Tensor,
+                       push: bool) -> None:
         if push and sess.next_peer is not None and sess.next_session is not None:
-            item = _PushItem(sess.next_peer, sess.next_session, Step(sess.next_session, step_id, position, out, push=True))
+            step = Step(sess.next_session, step_id, position, out, push=True)
+            item = _PushItem(sess.next_peer, sess.next_session, step)
             await sess.pusher.enqueue(item)
         await self.to_client(sess, StepResult(sess.session_id, step_id, position, out))
 
@@ -330,13 +334,18 @@ class SpanServer:
                         raise p2p.RemoteError(BAD_REQUEST, f"push streams carry Steps, not {type(step).TYPE}")
                     if step.session_id != sess.session_id:
                         await self._fail(sess, step.step_id, StepError(
-                            UNKNOWN_SESSION, f"step for session {step.session_id} pushed on the stream of {sess.session_id}"))
+                            UNKNOWN_SESSION,
+                            f"step for session {step.session_id} pushed on the stream of {sess.session_id}"))
                         continue
                     await self.run_step(sess, step)
         finally:
             sess.cancel_scopes.discard(scope)
         if scope.cancelled_caught:
             raise p2p.RemoteError(UNKNOWN_SESSION, f"session {sess.session_id} ended")
+
+
+def _not_here(session_id: str) -> StepError:
+    return StepError(UNKNOWN_SESSION, f"session {session_id} is not open on this stream")
 
 
 async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | None:

@@ -124,7 +124,8 @@ class ServedSession:
 def _check_hidden(sess: ServedSession, hidden: p2p.Tensor, position: int, what: str) -> int:
     """Check hidden states [B, T, D] at `position` against the session; returns T."""
     if hidden.dtype != sess.dtype:
-        raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}, the session was opened for {sess.dtype}")
+        raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}, "
+                                     f"the session was opened for {sess.dtype}")
     b, t, d = hidden.shape
     hidden_size = sess.span.config.hidden_size
     if d != hidden_size:
