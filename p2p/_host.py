@@ -564,6 +564,7 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                             mode = resolve_dht_mode(config.dht_mode, our_ips, boot_ips, bool(config.announce_addrs))  # type: ignore[arg-type]
                             host.dht = DHT(h, mode)
                             await nursery.start(host.dht.serve)
+                        _isolate_libp2p_handlers(h)
                         h.get_network().register_notifee(_Notifee(host))
                         await _bootstrap(host)
                         yield host
@@ -591,6 +592,29 @@ class _ClosingTCPStream(TrioTCPStream):
             await super().close()
         finally:
             self._closed_event.set()
+
+
+def _isolate_libp2p_handlers(h: Any) -> None:
+    """Wrap py-libp2p's own stream handlers (identify, ping, Kademlia, gossipsub, ...) so that
+    one of them raising on a peer's garbage resets that stream instead of killing the host."""
+    handlers = h.get_mux().handlers
+    for protocol, handler in list(handlers.items()):
+        if handler is None or getattr(handler, "_lamina_isolated", False):
+            continue
+
+        async def isolated(stream: Any, _handler: Any = handler, _protocol: Any = protocol) -> None:
+            try:
+                await _handler(stream)
+            except Exception as exc:
+                logger.debug("py-libp2p handler for %s failed: %r", _protocol, exc)
+                with trio.CancelScope(shield=True), trio.move_on_after(RESET_DEADLINE):
+                    try:
+                        await stream.reset()
+                    except Exception:
+                        pass
+
+        isolated._lamina_isolated = True  # type: ignore[attr-defined]
+        handlers[protocol] = isolated
 
 
 def _reap_inbound_handlers(h: Any) -> None:

@@ -53,6 +53,7 @@ class SessionProtocol:
         self.their_state = State.OPEN
         self.max_frame_size = max_frame_size
         self._decoder = FrameDecoder(max_frame_size=max_frame_size)
+        self._error: RemoteProtocolError | None = None
 
     # -- outgoing ------------------------------------------------------------------------------
     def send(self, msg: Message) -> list[bytes | memoryview]:
@@ -77,23 +78,43 @@ class SessionProtocol:
         return encode(_HEARTBEAT)
 
     # -- incoming ------------------------------------------------------------------------------
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """A protocol error found after the messages last returned (raised by the next call)."""
+        return self._error
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        """Messages completed by `data` (heartbeats dropped, `Goodbye` included)."""
-        out = []
-        for msg in self._decoder.feed(data):
-            if type(msg) is Heartbeat:
-                if self.their_state is not State.OPEN:
-                    raise RemoteProtocolError("peer sent a heartbeat after its goodbye")
-                continue
-            nxt = _TRANSITIONS.get((self.their_state, _event(msg)))
-            if nxt is None:
-                raise RemoteProtocolError(f"peer sent {type(msg).__name__} after its goodbye")
-            self.their_state = nxt
-            out.append(msg)
+        """Messages completed by `data` (heartbeats dropped, `Goodbye` included).
+
+        Messages before an invalid frame are returned, with the error kept in `error`; with
+        none before it, the error is raised at once.
+        """
+        if self._error is not None:
+            raise self._error
+        out: list[Message] = []
+        try:
+            for msg in self._decoder.feed(data):
+                if type(msg) is Heartbeat:
+                    if self.their_state is not State.OPEN:
+                        raise RemoteProtocolError("peer sent a heartbeat after its goodbye")
+                    continue
+                nxt = _TRANSITIONS.get((self.their_state, _event(msg)))
+                if nxt is None:
+                    raise RemoteProtocolError(f"peer sent {type(msg).__name__} after its goodbye")
+                self.their_state = nxt
+                out.append(msg)
+            if self._decoder.error is not None:
+                raise self._decoder.error
+        except RemoteProtocolError as exc:
+            self._error = exc
+            if not out:
+                raise
         return out
 
     def receive_eof(self) -> None:
         """The stream ended. Fine after the peer's goodbye; otherwise the peer broke."""
+        if self._error is not None:
+            raise self._error
         try:
             self._decoder.feed_eof()
         except RemoteProtocolError as exc:

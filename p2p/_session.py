@@ -106,6 +106,8 @@ class Session:
         self._write_progress_at: float | None = None  # set while a write is in progress
         self._in_flight: trio.CancelScope | None = None  # the shielded libp2p write under way
         self._connection_corrupt = False
+        self._tx_whole = True  # every frame we started writing went out complete
+        self._error_frame: ErrorMessage | None = None  # to send the peer when we release the stream
 
     def __repr__(self) -> str:
         return f"<Session {self.protocol_id} with {self.peer_id}>"
@@ -199,11 +201,10 @@ class Session:
             self._drain_queue()
             with trio.move_on_after(GOODBYE_LINGER):
                 await self._reader_done.wait()
-        clean = self._error is None and self._proto.their_state is State.DONE and self._proto.our_state is State.DONE
         self._closed = True
         self._queue_send.close()
         self._background.cancel()
-        await self._release_stream(clean)
+        await self._release_stream()
 
     async def _abort(self, reason: BaseException | None = None) -> None:
         """Failure close: reset the stream without ceremony."""
@@ -213,22 +214,29 @@ class Session:
         if self._error is None:
             self._error = reason or LocalProtocolError("session aborted")
         self._fail(self._error)
-        await self._release_stream(clean=False)
+        await self._release_stream()
 
-    async def _release_stream(self, clean: bool) -> None:
+    async def _release_stream(self) -> None:
+        """Close our side with a FIN when every frame we started went out whole (the peer
+        reads what we sent, then EOF: after our goodbye that is a clean end, before it the peer
+        sees `PeerBrokenError`). Reset only when a frame of ours was cut: a yamux reset also
+        discards whatever the peer has not read yet, an error frame included."""
         if self._connection_corrupt:
             await self._kill_connection()
             return
         with trio.CancelScope(shield=True):
             with trio.move_on_after(RESET_DEADLINE) as scope:
-                try:
-                    if clean:
-                        await self._stream.close()
-                    else:
-                        await self._stream.reset()
-                except Exception:  # the stream is being thrown away; nothing useful to do
-                    pass
-        if scope.cancelled_caught:  # even a 12-byte frame could not be written: wedged
+                async with self._write_lock:  # after a frame still in flight, never inside it
+                    try:
+                        if self._error_frame is not None and self._tx_whole:
+                            await self._stream.write(b"".join(encode(self._error_frame) + encode(Goodbye())))
+                        if self._tx_whole:
+                            await self._stream.close()
+                        else:
+                            await self._stream.reset()
+                    except Exception:  # the stream is being thrown away; nothing useful to do
+                        pass
+        if scope.cancelled_caught:  # could not even write a few bytes: wedged, or cut mid-write
             await self._kill_connection()
 
     async def _kill_connection(self) -> None:
@@ -267,6 +275,7 @@ class Session:
         then unusable, the connection is fine); only the watchdog aborts a chunk in flight,
         and then closes the connection."""
         completed = False
+        self._tx_whole = False
         try:
             self._write_progress_at = trio.current_time()
             for i, chunk in enumerate(_chunks(buffers)):
@@ -280,7 +289,7 @@ class Session:
                     self._connection_corrupt = True
                     raise self._error or PeerTimeoutError("write aborted", peer_id=self.peer_id)
                 self._write_progress_at = trio.current_time()
-            completed = True
+            completed = self._tx_whole = True
         except _STREAM_ERRORS as exc:
             self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
             raise self._error from exc  # type: ignore[misc]
@@ -313,7 +322,8 @@ class Session:
                         self._proto.receive_eof()
                     except PeerBrokenError as exc:
                         exc.peer_id = self.peer_id
-                        self._fail(exc)
+                        # a crashed peer will not read this; a half-closing one learns why
+                        await self._report_protocol_error(exc)
                     return
                 try:
                     messages = self._proto.receive_data(data)
@@ -322,30 +332,28 @@ class Session:
                     return
                 for msg in messages:
                     if type(msg) is Goodbye:
-                        self._queue_send.close()
-                        return
+                        break
                     if not self._closing:
                         try:
                             await self._queue_send.send(msg)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             return
+                if self._proto.error is not None:  # invalid bytes after the messages above
+                    await self._report_protocol_error(self._proto.error)
+                    return
+                if self._proto.their_state is State.DONE:
+                    self._queue_send.close()
+                    return
         finally:
             self._reader_waiting = False
             self._reader_done.set()
 
-    async def _report_protocol_error(self, exc: RemoteProtocolError) -> None:
-        """Tell the peer what was wrong with its bytes (best effort), then fail."""
+    async def _report_protocol_error(self, exc: P2PError) -> None:
+        """Fail, and have the peer told what was wrong with its bytes when the stream is
+        released (`_release_stream` writes the error frame, in order after any frame in flight)."""
         logger.debug("protocol error from %s on %s: %s", self.peer_id, self.protocol_id, exc)
-        if not self._write_lock.locked() and self._proto.our_state is State.OPEN:
-            frame = encode(ErrorMessage(ErrorCode.PROTOCOL_ERROR, str(exc)[:1000])) + encode(Goodbye())
-            async with self._write_lock:
-                with trio.CancelScope(shield=True), trio.move_on_after(RESET_DEADLINE) as scope:
-                    try:
-                        await self._stream.write(b"".join(frame))
-                    except _STREAM_ERRORS:
-                        pass
-                if scope.cancelled_caught:
-                    self._connection_corrupt = True
+        if self._error is None and self._proto.our_state is State.OPEN:
+            self._error_frame = ErrorMessage(ErrorCode.PROTOCOL_ERROR, str(exc)[:1000])
         self._fail(exc)
 
     async def _heartbeats(self) -> None:

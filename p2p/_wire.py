@@ -177,9 +177,11 @@ def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[M
 class FrameDecoder:
     """Incremental frame decoder: feed it bytes in any chunking, get whole messages out.
 
-    A length prefix above `max_frame_size` is refused before any of the body is buffered. After
-    an error the decoder stays failed and re-raises it. `feed_eof()` tells whether the stream
-    ended at a frame boundary.
+    A length prefix above `max_frame_size` is refused before any of the body is buffered. When
+    a chunk holds whole messages followed by invalid bytes, `feed` returns those messages and
+    keeps the error in `error`, raising it from the next call; a chunk with no message before the
+    invalid bytes raises at once. After an error the decoder stays failed. `feed_eof()` tells
+    whether the stream ended at a frame boundary.
     """
 
     def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE, registry: dict[str, type[Message]] | None = None):
@@ -204,18 +206,25 @@ class FrameDecoder:
             return (len(self._prefix), FRAME_PREFIX_SIZE if self._prefix else 0)
         return (FRAME_PREFIX_SIZE + self._filled, FRAME_PREFIX_SIZE + self._expected)
 
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The protocol error that stopped this decoder, if any."""
+        return self._error
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         if self._error is not None:
             raise self._error
+        out: list[Message] = []
         try:
-            return self._feed(memoryview(data).cast("B"))
+            self._feed(memoryview(data).cast("B"), out)
         except RemoteProtocolError as exc:
             self._error = exc
             self._body = None
-            raise
+            if not out:
+                raise
+        return out
 
-    def _feed(self, view: memoryview) -> list[Message]:
-        out: list[Message] = []
+    def _feed(self, view: memoryview, out: list[Message]) -> None:
         while view.nbytes:
             if self._body is None:
                 need = FRAME_PREFIX_SIZE - len(self._prefix)
@@ -245,7 +254,6 @@ class FrameDecoder:
             if self._filled == self._expected:
                 body, self._body = self._body, None
                 out.append(decode_body(body, self._registry))
-        return out
 
     def feed_eof(self) -> None:
         """Raise `RemoteProtocolError` if the stream ended inside a frame."""
