@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -63,10 +62,9 @@ class _Link:
 
     hop: Hop
     session_id: str
-    stack: AsyncExitStack
     session: p2p.Session
     born_step: int                      # the step during which this link was opened
-    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    cancel: trio.CancelScope            # of the task that owns the stream (see Chain._run_link)
     broken: BaseException | None = None
 
     @property
@@ -298,36 +296,53 @@ class Chain:
         return links
 
     async def _open_link(self, hop: Hop, nxt: _Link | None, born_step: int) -> _Link:
-        sid = new_session_id()
-        stack = AsyncExitStack()
+        assert self._nursery is not None
         try:
-            with trio.fail_after(self.config.open_timeout):
-                if not self.host.is_connected(hop.peer_id):
-                    for addr in hop.addrs:
-                        try:
-                            await self.host.connect(addr)
-                            break
-                        except (p2p.P2PError, OSError, ValueError):
-                            continue
-                session = await stack.enter_async_context(self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL))
-                await session.send(OpenSession(
-                    session_id=sid, model=self.model_hash, start=hop.start, end=hop.end,
-                    max_length=self.max_length, batch=self.batch, dtype=str(self.dtype).removeprefix("torch."),
-                    next_peer=nxt.hop.peer_id if nxt else None, next_session=nxt.session_id if nxt else None))
-                reply = await session.receive()
-            if not isinstance(reply, SessionOpened) or reply.session_id != sid:
-                raise p2p.RemoteProtocolError(f"expected SessionOpened, got {type(reply).__name__}")
+            return await self._nursery.start(self._run_link, hop, nxt, born_step)
         except (p2p.P2PError, trio.TooSlowError, OSError) as e:
-            await stack.aclose()
             log.info("cannot open a session on %s: %s", hop.peer_id, e)
             raise _OpenFailed(hop.peer_id) from e
-        except BaseException:
-            await stack.aclose()
-            raise
-        link = _Link(hop, sid, stack, session, born_step)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._read, link)
-        return link
+
+    async def _run_link(self, hop: Hop, nxt: _Link | None, born_step: int,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own one node's stream for its whole life: open it, read it, close it (a nursery inside
+        the p2p session must be entered and left by the same task)."""
+        sid = new_session_id()
+        with trio.CancelScope() as cancel:
+            with trio.fail_after(self.config.open_timeout):
+                if not self.host.is_connected(hop.peer_id):
+                    await self._connect(hop)
+            async with self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL) as session:
+                with trio.fail_after(self.config.open_timeout):
+                    await session.send(OpenSession(
+                        session_id=sid, model=self.model_hash, start=hop.start, end=hop.end,
+                        max_length=self.max_length, batch=self.batch,
+                        dtype=str(self.dtype).removeprefix("torch."),
+                        next_peer=nxt.hop.peer_id if nxt else None,
+                        next_session=nxt.session_id if nxt else None))
+                    reply = await session.receive()
+                if not isinstance(reply, SessionOpened) or reply.session_id != sid:
+                    raise p2p.RemoteProtocolError(f"expected SessionOpened, got {type(reply).__name__}")
+                link = _Link(hop, sid, session, born_step, cancel)
+                task_status.started(link)
+                try:
+                    while True:
+                        self._on_message(link, await session.receive())
+                except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    if link.broken is None:
+                        link.broken = e
+                finally:
+                    if link.broken is None and not cancel.cancel_called:
+                        link.broken = p2p.PeerBrokenError(f"{hop.peer_id} ended the session")
+                    self._wake()
+
+    async def _connect(self, hop: Hop) -> None:
+        for addr in hop.addrs:
+            try:
+                await self.host.connect(addr)
+                return
+            except (p2p.P2PError, OSError, ValueError):
+                continue
 
     async def _set_next(self, link: _Link, nxt: _Link | None) -> None:
         with trio.fail_after(self.config.open_timeout):
@@ -336,33 +351,15 @@ class Chain:
                 next_session=nxt.session_id if nxt else None))
 
     async def _drop(self, link: _Link, polite: bool) -> None:
-        link.cancel.cancel()
-        if polite and link.broken is None:
+        if polite and link.broken is None and not link.cancel.cancel_called:
             with trio.move_on_after(2):
                 try:
                     await link.session.send(CloseSession(session_id=link.session_id))
                 except p2p.P2PError:
                     pass
-        with trio.move_on_after(2) as scope:
-            scope.shield = True
-            try:
-                await link.stack.aclose()
-            except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        link.cancel.cancel()
 
     # --- reading -----------------------------------------------------------------------
-    async def _read(self, link: _Link) -> None:
-        with link.cancel:
-            try:
-                while True:
-                    msg = await link.session.receive()
-                    self._on_message(link, msg)
-            except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                if link.broken is None:
-                    link.broken = e
-            finally:
-                self._wake()
-
     def _on_message(self, link: _Link, msg: p2p.Message) -> None:
         if isinstance(msg, StepResult):
             out = msg.hidden.to_torch()

@@ -59,14 +59,17 @@ class NodeProcess:
             return ""
 
 
-def start_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
-               timeout: float = 120.0, env: dict[str, str] | None = None) -> NodeProcess:
-    """Start one `run-node` and wait for its `serving blocks` line."""
-    log = open(log_path, "ab")
-    cmd = [*run_node_command(), "--model", str(model), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
-    log.close()
+def spawn_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start one `run-node` process (stdout piped for its ready line, stderr to `log_path`)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([*run_node_command(), "--model", str(model), *args],
+                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> NodeProcess:
+    """Wait for a spawned node's `serving blocks A:B <multiaddr>` line."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
@@ -95,6 +98,12 @@ def start_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
         raise
     finally:
         sel.close()
+
+
+def start_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
+               timeout: float = 120.0, env: dict[str, str] | None = None) -> NodeProcess:
+    """Start one `run-node` and wait until it serves."""
+    return wait_ready(spawn_node(model, args, log_path, env), log_path, timeout)
 
 
 class LocalSwarm:
@@ -129,10 +138,21 @@ class LocalSwarm:
         return node
 
     def start(self) -> "LocalSwarm":
+        """The first node starts the swarm; the others start together and join through it."""
+        spawned: list[tuple[subprocess.Popen, Path]] = []
         try:
-            for start, end in self.spans:
-                self.add_node(start, end)
+            first, *rest = self.spans
+            self.add_node(*first)
+            for n, (start, end) in enumerate(rest, 1):
+                log = self.log_dir / f"node{n}-{start}-{end}.log"
+                spawned.append((spawn_node(self.model, self.node_args(start, end), log), log))
+            for proc, log in spawned:
+                self.nodes.append(wait_ready(proc, log, self.start_timeout))
         except BaseException:
+            for proc, _ in spawned:
+                if proc.poll() is None and all(node.proc is not proc for node in self.nodes):
+                    proc.kill()
+                    proc.wait()
             self.stop()
             raise
         return self

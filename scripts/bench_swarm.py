@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Swarm vs local, on one machine: decode tokens/s and time to first token (TTFT) for the same
+checkpoint run locally and through 2- and 3-node loopback swarms of real `run-node` processes;
+and the failover stall (SIGKILL of the serving middle node -> next token).
+
+    python scripts/bench_swarm.py [--configs tiny,small] [--new-tokens 64] [--repeats 3]
+
+Threads: every process (the local baseline, each node, the client) runs torch with
+`--threads` intra-op threads (default 1), so the ratio measures what the network path costs,
+not how the cores were shared; `local_2_threads` is reported beside it for reference.
+Decode rate = (new tokens - 1) / (last token time - first token time); TTFT includes opening
+the session on every node. Best of `--repeats` runs each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM  # noqa: E402
+from pipeline.launch import LocalSwarm  # noqa: E402
+from pipeline.tiny import write_tiny_model  # noqa: E402
+
+SPLITS = {  # config -> node count -> spans
+    "tiny": {2: [(0, 4), (4, 8)], 3: [(0, 3), (3, 6), (6, 8)]},
+    "small": {2: [(0, 8), (8, 16)], 3: [(0, 6), (6, 11), (11, 16)]},
+}
+FAILOVER = {"tiny": [(0, 3), (3, 6), (3, 6), (6, 8)], "small": [(0, 6), (6, 11), (6, 11), (11, 16)]}
+
+
+class Clock:
+    """A streamer recording when each new token came out (HF put/end protocol)."""
+
+    def __init__(self, on_token=None) -> None:
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.first = True
+        self.on_token = on_token
+
+    def put(self, value) -> None:
+        if self.first:
+            self.first = False
+            return
+        self.times.append(time.perf_counter())
+        if self.on_token:
+            self.on_token(len(self.times))
+
+    def end(self) -> None:
+        pass
+
+    def stats(self) -> tuple[float, float]:
+        ttft = self.times[0] - self.t0
+        decode = (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        return ttft, decode
+
+
+def run(generate, prompt, new_tokens, repeats):
+    best_ttft, best_decode, out = float("inf"), 0.0, None
+    for _ in range(repeats):
+        clock = Clock()
+        out = generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+        ttft, decode = clock.stats()
+        best_ttft, best_decode = min(best_ttft, ttft), max(best_decode, decode)
+    return best_ttft, best_decode, out
+
+
+def bench_config(name: str, path: Path, args) -> dict:
+    prompt = torch.randint(0, 4096, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    result: dict = {}
+    local = LocalModelForCausalLM.from_pretrained(path)
+    torch.set_num_threads(2)
+    ttft, decode, _ = run(local.generate, prompt, args.new_tokens, args.repeats)
+    result["local_2_threads"] = {"ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1)}
+    torch.set_num_threads(args.threads)
+    ttft, decode, expected = run(local.generate, prompt, args.new_tokens, args.repeats)
+    result["local"] = {"ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1)}
+    del local
+    for n, spans in SPLITS[name].items():
+        with LocalSwarm(path, spans, threads=args.threads) as swarm, \
+                DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
+            run(model.generate, prompt, 4, 1)                                # warm up connections
+            ttft, decode, out = run(model.generate, prompt, args.new_tokens, args.repeats)
+        result[f"swarm_{n}"] = {
+            "ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1),
+            "decode_ratio_vs_local": round(decode / result["local"]["decode_tok_s"], 2),
+            "ttft_ratio_vs_local": round(ttft * 1e3 / result["local"]["ttft_ms"], 2),
+            "added_ms_per_token": round(1e3 / decode - 1e3 / result["local"]["decode_tok_s"], 2),
+            "tokens_equal_local": bool(torch.equal(out, expected)),
+        }
+    result["failover"] = failover(path, FAILOVER[name], prompt, expected, args)
+    return result
+
+
+def failover(path: Path, spans, prompt, expected, args) -> dict:
+    kill_at = args.new_tokens // 3
+    with LocalSwarm(path, spans, threads=args.threads) as swarm, \
+            DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
+        with model.inference_session(max_length=prompt.shape[1] + args.new_tokens) as session:
+            killed = {}
+
+            def on_token(count: int) -> None:
+                if count == kill_at:
+                    victim = next(node for node in swarm.nodes if node.peer_id == session.route[1].peer_id)
+                    victim.signal(signal.SIGKILL)
+                    killed["t"] = time.perf_counter()
+                    killed["index"] = count
+
+            clock = Clock(on_token)
+            out = model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[],
+                                 streamer=clock, session=session)
+            stall = clock.times[killed["index"]] - killed["t"]
+            normal = sorted(b - a for a, b in zip(clock.times, clock.times[1:]))[len(clock.times) // 2]
+            return {"stall_ms": round(stall * 1e3, 1), "median_token_ms": round(normal * 1e3, 1),
+                    "failovers": session.chain.failovers, "tokens_equal_local": bool(torch.equal(out, expected))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="tiny,small")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    out = {"threads_per_process": args.threads, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt,
+           "torch": torch.__version__, "configs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            path = write_tiny_model(Path(tmp) / name, name)
+            out["configs"][name] = bench_config(name, path, args)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
