@@ -62,11 +62,11 @@ _STREAM_ERRORS = (IOException, trio.BrokenResourceError, trio.ClosedResourceErro
 
 
 def _chunks(buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
-    """Small frames become one write; big ones are cut into `WRITE_CHUNK` pieces (progress
-    between pieces is what the write-stall watchdog measures)."""
+    """The pieces to hand to the libp2p stream: small frames joined into one write, everything
+    cut into `WRITE_CHUNK`-byte pieces (one yamux frame = one Noise message each)."""
     total = sum(len(b) for b in buffers)
-    if total <= COALESCE_LIMIT:
-        return [b"".join(buffers)] if len(buffers) > 1 else list(buffers)
+    if total <= COALESCE_LIMIT and len(buffers) > 1:
+        buffers = [b"".join(buffers)]
     out: list[bytes | memoryview] = []
     for b in buffers:
         if len(b) <= WRITE_CHUNK:
@@ -263,10 +263,16 @@ class Session:
 
     # -- internals: I/O ------------------------------------------------------------------------
     async def _write(self, buffers: list[bytes | memoryview]) -> None:
-        async with self._write_lock:
+        try:
+            self._write_lock.acquire_nowait()  # uncontended: skip a scheduler round trip
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
             if self._error is not None:
                 raise self._error
             await self._write_locked(buffers)
+        finally:
+            self._write_lock.release()
 
     async def _write_locked(self, buffers: list[bytes | memoryview]) -> None:
         """Write one frame. Each libp2p write is shielded: cancelling py-libp2p in the middle
@@ -288,7 +294,7 @@ class Session:
                 if flight.cancelled_caught:
                     self._connection_corrupt = True
                     raise self._error or PeerTimeoutError("write aborted", peer_id=self.peer_id)
-                self._write_progress_at = trio.current_time()
+                self._write_progress_at = self._last_tx = trio.current_time()
             completed = self._tx_whole = True
         except _STREAM_ERRORS as exc:
             self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
@@ -335,7 +341,12 @@ class Session:
                         break
                     if not self._closing:
                         try:
-                            await self._queue_send.send(msg)
+                            self._queue_send.send_nowait(msg)  # no yield: we block in read next
+                        except trio.WouldBlock:
+                            try:
+                                await self._queue_send.send(msg)  # backpressure: the app is behind
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                return
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             return
                 if self._proto.error is not None:  # invalid bytes after the messages above
@@ -358,8 +369,12 @@ class Session:
 
     async def _heartbeats(self) -> None:
         while self._proto.our_state is State.OPEN and self._error is None:
-            await trio.sleep_until(self._last_tx + HEARTBEAT_INTERVAL)
-            if trio.current_time() - self._last_tx < HEARTBEAT_INTERVAL or self._write_lock.locked():
+            due = self._last_tx + HEARTBEAT_INTERVAL
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            if self._write_lock.locked():  # a frame is being written (its pieces count as traffic)
+                await trio.sleep(HEARTBEAT_INTERVAL / 2)
                 continue
             if self._proto.our_state is not State.OPEN or self._closing:
                 return

@@ -91,6 +91,15 @@ class Tensor:
             )
         object.__setattr__(self, "data", view)
 
+    @classmethod
+    def _trusted(cls, dtype: str, shape: tuple[int, ...], data: memoryview) -> "Tensor":
+        """Construct without re-validating (the decoder has already checked all of it)."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "dtype", dtype)
+        object.__setattr__(obj, "shape", shape)
+        object.__setattr__(obj, "data", data)
+        return obj
+
     # -- properties --------------------------------------------------------------------------
     @property
     def itemsize(self) -> int:

@@ -41,8 +41,6 @@ __all__ = ["encode", "encode_bytes", "FrameDecoder"]
 
 _PREFIX = struct.Struct("<II")  # body_len, header_len
 _ZEROS = bytes(TENSOR_ALIGNMENT)
-
-
 def _pack_default(obj: Any) -> Any:
     if isinstance(obj, Message):
         if isinstance(obj, Message) and _spec(type(obj)).tensor_fields:
@@ -164,7 +162,7 @@ def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[M
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if nbytes > size - pos:
             raise RemoteProtocolError(f"tensor {name!r} needs {nbytes} bytes, the frame has {size - pos} left")
-        values[name] = Tensor(dtype, tuple(shape), view[pos : pos + nbytes])
+        values[name] = Tensor._trusted(dtype, tuple(shape), view[pos : pos + nbytes])
         pos += nbytes
     if pos != size:
         raise RemoteProtocolError(f"{size - pos} unexpected bytes after the message payload")
