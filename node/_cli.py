@@ -87,13 +87,14 @@ def parser() -> argparse.ArgumentParser:
     blocks.add_argument("--blocks", type=_blocks, metavar="A:B", help="serve blocks [A, B)")
     blocks.add_argument("--num-blocks", type=_positive_int, metavar="N",
                         help="serve N consecutive blocks where the swarm is weakest (and rebalance later)")
-    p.add_argument("--listen", nargs="+", type=_multiaddr(peer=False), metavar="MULTIADDR",
+    p.add_argument("--listen", nargs="+", action="extend", type=_multiaddr(peer=False), metavar="MULTIADDR",
                    help=f"addresses to listen on (default: {DEFAULT_LISTEN}, all interfaces, a free TCP port)")
-    p.add_argument("--announce-addr", nargs="+", type=_multiaddr(peer=False), default=[], metavar="MULTIADDR",
+    p.add_argument("--announce-addr", nargs="+", action="extend", type=_multiaddr(peer=False), default=[],
+                   metavar="MULTIADDR",
                    help="addresses to announce instead of the listen addresses (public IP, port forwarding)")
     swarm = p.add_mutually_exclusive_group(required=True)
     swarm.add_argument("--new-swarm", action="store_true", help="start a new swarm alone")
-    swarm.add_argument("--initial-peers", nargs="+", type=_multiaddr(peer=True), metavar="MULTIADDR",
+    swarm.add_argument("--initial-peers", nargs="+", action="extend", type=_multiaddr(peer=True), metavar="MULTIADDR",
                        help="full multiaddrs (/ip4/../tcp/../p2p/ID) of peers of the swarm to join")
     p.add_argument("--identity", metavar="FILE",
                    help="private key file, created if missing, so the peer id survives restarts "

@@ -22,7 +22,7 @@ import trio
 
 import crdt
 import p2p
-from pipeline import Checkpoint, InvalidSpanError, Span, load_span
+from pipeline import Checkpoint, InvalidSpanError, Span, check_device, load_span
 from pipeline._swarm import Announcer, SwarmView, now_ms, signer_for, swarm_topics
 
 from ._announce import (RTT_INTERVAL, learn_addrs, measure_rtts, next_block_servers, record_fields,
@@ -210,6 +210,7 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     checkpoint = Checkpoint(config.model)  # a missing or bad model fails before any networking
+    check_device(config.device, torch.float32)  # so does a missing device (dtype: checked at load)
     identity = p2p.Identity.load_or_create(config.identity) if config.identity else p2p.Identity.generate()
     host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen),
                                  announce_addrs=list(config.announce_addrs),
