@@ -398,3 +398,25 @@ async def test_records_announce_span_load_rtts_and_drain(micro_model, tmp_path) 
                 await until(lambda r: r.state is crdt.ServerState.DRAINING)
                 await remote.step(hidden(0, 2), 0)  # still served while draining
             await until(lambda r: r.state is crdt.ServerState.OFFLINE)
+
+
+async def test_rebalance_moves_a_redundant_node_to_the_gap(micro_model, tmp_path) -> None:
+    import crdt
+
+    config = NodeConfig(model=str(micro_model), num_blocks=2, new_swarm=True, listen=[LOCAL],
+                        cache_dir=tmp_path / "cache", heartbeat=0.3, rebalance_interval=0.3)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(DEADLINE):
+            b = await nursery.start(serve_node, config)
+        assert b.blocks == (0, 2)  # alone: the lowest window
+        async with running_node(micro_model, tmp_path, blocks=(0, 2), heartbeat=0.3, initial_peers=b.addrs) as a, \
+                client_host(b) as host:
+            b_id = crdt.peer_id_from_str(b.peer_id)
+            with trio.fail_after(DEADLINE):
+                state = await a.view.wait_until(lambda s: (r := s.get(b_id)) is not None
+                                                and (r.record.start, r.record.state) == (2, crdt.ServerState.ONLINE))
+            assert b.blocks == (2, 4) and b.server.span.start == 2
+            async with remote_session(host, b, start=2, end=4) as remote:  # and it serves them
+                close(await remote.step(hidden(0, 3), 0), Local(micro_model, 2, 4)(hidden(0, 3), 0))
+            assert state.get(crdt.peer_id_from_str(a.peer_id)).record.start == 0
+        b.request_drain()
