@@ -296,6 +296,7 @@ class SpanServer:
             item = _PushItem(sess.next_peer, sess.next_session, step)
             await sess.pusher.enqueue(item)
         await self.to_client(sess, StepResult(sess.session_id, step_id, position, out))
+        sess.last_active = trio.current_time()  # a long step is activity, not idleness
 
     async def _fail(self, sess: ServedSession, step_id: int, exc: StepError) -> None:
         logger.debug("session %s step %d failed: %s", sess.session_id[:8], step_id, exc)
