@@ -149,7 +149,11 @@ class Tensor:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tensor):
             return NotImplemented
-        return self.dtype == other.dtype and self.shape == other.shape and self.data == other.data
+        if self.dtype != other.dtype or self.shape != other.shape:
+            return False
+        import numpy  # memoryview == compares element by element in Python: 40 us per 16 KiB
+
+        return bool(numpy.array_equal(numpy.frombuffer(self.data, numpy.uint8), numpy.frombuffer(other.data, numpy.uint8)))
 
     __hash__ = None  # type: ignore[assignment]
 

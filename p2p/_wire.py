@@ -186,21 +186,21 @@ class FrameDecoder:
         self.max_frame_size = max_frame_size
         self._registry = registry
         self._prefix = bytearray()
-        self._body: bytearray | None = None
-        self._expected = 0
+        self._expected = 0  # body length of the frame in progress; 0 between frames
         self._filled = 0
-        self._preallocated = False
+        self._body: bytearray | None = None  # small frames: the whole body, allocated up front
+        self._parts: list[bytes | memoryview] = []  # big frames: the pieces received so far
         self._error: RemoteProtocolError | None = None
 
     @property
     def in_frame(self) -> bool:
         """True when part of a frame has been received (EOF now would truncate it)."""
-        return bool(self._prefix) or self._body is not None
+        return bool(self._prefix) or self._expected > 0
 
     @property
     def pending(self) -> tuple[int, int]:
         """(bytes received, bytes expected) of the frame in progress; (0, 0) between frames."""
-        if self._body is None:
+        if not self._expected:
             return (len(self._prefix), FRAME_PREFIX_SIZE if self._prefix else 0)
         return (FRAME_PREFIX_SIZE + self._filled, FRAME_PREFIX_SIZE + self._expected)
 
@@ -214,17 +214,17 @@ class FrameDecoder:
             raise self._error
         out: list[Message] = []
         try:
-            self._feed(memoryview(data).cast("B"), out)
+            self._feed(memoryview(data).cast("B"), out, type(data) is bytes)
         except RemoteProtocolError as exc:
             self._error = exc
-            self._body = None
+            self._body, self._parts = None, []
             if not out:
                 raise
         return out
 
-    def _feed(self, view: memoryview, out: list[Message]) -> None:
+    def _feed(self, view: memoryview, out: list[Message], immutable: bool) -> None:
         while view.nbytes:
-            if self._body is None:
+            if not self._expected:
                 need = FRAME_PREFIX_SIZE - len(self._prefix)
                 self._prefix += view[:need]
                 view = view[need:]
@@ -236,21 +236,26 @@ class FrameDecoder:
                     raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
                 if length < HEADER_LEN_SIZE:
                     raise RemoteProtocolError(f"frame of {length} bytes is too short")
-                self._expected = length
-                self._filled = 0
-                self._preallocated = length <= PREALLOCATE_LIMIT
-                # Small bodies are allocated at once; big ones grow as bytes arrive, so a peer
-                # cannot make us reserve a large buffer with a 4-byte lie.
-                self._body = bytearray(length) if self._preallocated else bytearray()
+                self._expected, self._filled = length, 0
+                # Small bodies are allocated at once. Big ones are kept as the pieces that
+                # arrive and joined into one buffer at the end (one copy, no reallocation), so a
+                # peer cannot make us reserve a large buffer with a 4-byte lie.
+                self._body = bytearray(length) if length <= PREALLOCATE_LIMIT else None
             take = min(view.nbytes, self._expected - self._filled)
-            if self._preallocated:
+            if self._body is not None:
                 self._body[self._filled : self._filled + take] = view[:take]
             else:
-                self._body += view[:take]
+                # pieces of an immutable bytes object can be kept as views; anything else may
+                # be reused by the caller and is copied
+                self._parts.append(view[:take] if immutable else bytes(view[:take]))
             self._filled += take
             view = view[take:]
             if self._filled == self._expected:
-                body, self._body = self._body, None
+                if self._body is not None:
+                    body, self._body = self._body, None
+                else:
+                    body, self._parts = bytearray().join(self._parts), []
+                self._expected = 0
                 out.append(decode_body(body, self._registry))
 
     def feed_eof(self) -> None:

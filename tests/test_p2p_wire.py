@@ -371,3 +371,25 @@ def test_session_protocol_eof_without_goodbye_or_mid_frame_is_peer_broken() -> N
 def test_session_protocol_refuses_non_messages() -> None:
     with pytest.raises(p2p.LocalProtocolError, match="p2p.Message"):
         p2p.SessionProtocol().send(b"raw bytes")  # type: ignore[arg-type]
+
+
+def test_big_frames_decode_in_any_chunking_even_from_reused_buffers() -> None:
+    """Frames above PREALLOCATE_LIMIT are assembled from their pieces: pieces of immutable
+    bytes are kept as views, pieces of a caller's reusable buffer are copied."""
+    t = torch.arange((p2p.constants.PREALLOCATE_LIMIT // 4) + 1000, dtype=torch.float32)
+    data = p2p.encode_bytes(Golden("big", 0, p2p.Tensor.from_torch(t)))
+    assert len(data) > p2p.constants.PREALLOCATE_LIMIT
+    for chunk in (65507, 1 << 20, 99991):
+        decoder = p2p.FrameDecoder()
+        out = []
+        scratch = bytearray(chunk)
+        for i in range(0, len(data), chunk):
+            piece = data[i : i + chunk]
+            if (i // chunk) % 2:  # every other piece comes in a buffer the caller then reuses
+                view = memoryview(scratch)[: len(piece)]
+                view[:] = piece
+                out += decoder.feed(view)
+                view[:] = b"\xff" * len(piece)
+            else:
+                out += decoder.feed(piece)
+        assert len(out) == 1 and torch.equal(out[0].hidden.to_torch(), t)
