@@ -35,6 +35,8 @@ from ._sessions import CacheBudget, default_cache_tokens
 
 logger = logging.getLogger("lamina.node")
 
+LEAVE_ANNOUNCE_DEADLINE = 2.0  # seconds spent pushing the DRAINING and the OFFLINE records
+
 
 def model_id(checkpoint: Checkpoint) -> crdt.ModelId:
     """The model as announced: a short name and the config hash clients match on."""
@@ -190,14 +192,16 @@ class Node:
         logger.info("draining: %d sessions open, waiting up to %ss", self.server.active_sessions,
                     self.config.drain_timeout)
         self.server.state = ServerState.DRAINING
-        with trio.move_on_after(max(self.config.drain_timeout, 0.01)):
+        # The record is merged and gossiped at once; only the anti-entropy push that follows may
+        # wait on a peer that is gone (each exchange is bounded by the view's sync deadline).
+        with trio.move_on_after(LEAVE_ANNOUNCE_DEADLINE):
             await self.announcer.set_state(crdt.ServerState.DRAINING)
         with trio.move_on_after(self.config.drain_timeout) as scope:
             await self.server.wait_idle()
         if scope.cancelled_caught:
             logger.warning("drain timeout: closing %d sessions still open", self.server.active_sessions)
         self.server.state = ServerState.OFFLINE
-        with trio.move_on_after(5):
+        with trio.move_on_after(LEAVE_ANNOUNCE_DEADLINE):
             await self.announcer.leave()
         stats = self.batcher.stats
         logger.info("left the swarm (%d forward passes, %d of them batched, %.2f segments per pass, %d tokens, "
