@@ -402,7 +402,11 @@ class Host:
             session._cancel_on_fail.discard(scope)
             if scope.cancelled_caught:
                 return
-        await session.send(reply)
+        try:
+            await session.send(reply)
+        except LocalProtocolError as exc:  # the reply cannot be sent (too big, say): say so
+            logger.warning("%s reply to %s cannot be sent: %s", handler.protocol_id, peer_id, exc)
+            await session.send(ErrorMessage(ErrorCode.INTERNAL, f"the response cannot be sent: {exc}"[:1000]))
 
     async def _serve_session(self, handler: _Handler, peer_id: ID, session: Session) -> None:
         try:

@@ -219,23 +219,26 @@ class Session:
     async def _release_stream(self) -> None:
         """Close our side with a FIN when every frame we started went out whole (the peer
         reads what we sent, then EOF: after our goodbye that is a clean end, before it the peer
-        sees `PeerBrokenError`). Reset only when a frame of ours was cut: a yamux reset also
-        discards whatever the peer has not read yet, an error frame included."""
+        sees `PeerBrokenError`). Reset when a frame of ours is cut or still being written: a
+        yamux reset also discards whatever the peer has not read yet, an error frame included.
+        Neither needs the write lock: yamux interleaves them with a write in flight at frame
+        boundaries, and that write then fails."""
         if self._connection_corrupt:
             await self._kill_connection()
             return
         with trio.CancelScope(shield=True):
             with trio.move_on_after(RESET_DEADLINE) as scope:
-                async with self._write_lock:  # after a frame still in flight, never inside it
-                    try:
-                        if self._error_frame is not None and self._tx_whole:
-                            await self._stream.write(b"".join(encode(self._error_frame) + encode(Goodbye())))
-                        if self._tx_whole:
-                            await self._stream.close()
-                        else:
-                            await self._stream.reset()
-                    except Exception:  # the stream is being thrown away; nothing useful to do
-                        pass
+                try:
+                    if self._error_frame is not None:
+                        async with self._write_lock:  # after a frame in flight, never inside it
+                            if self._tx_whole:
+                                await self._stream.write(b"".join(encode(self._error_frame) + encode(Goodbye())))
+                    if self._tx_whole:
+                        await self._stream.close()
+                    else:
+                        await self._stream.reset()
+                except Exception:  # the stream is being thrown away; nothing useful to do
+                    pass
         if scope.cancelled_caught:  # could not even write a few bytes: wedged, or cut mid-write
             await self._kill_connection()
 

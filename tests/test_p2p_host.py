@@ -171,6 +171,20 @@ async def test_application_error_codes_reach_the_caller(make_host) -> None:
     assert info.value.peer_id == server.peer_id
 
 
+async def test_a_reply_too_big_to_send_becomes_an_error_frame(make_host) -> None:
+    client = await make_host()
+    server = await make_host(max_message_size=4096)
+    await client.connect(server.addrs()[0])
+
+    async def bloated(peer: object, request: p2p.Message) -> p2p.Message:
+        return Echo("big", p2p.Tensor.from_torch(torch.zeros(2048)))  # 8 KiB > 4 KiB frames
+
+    server.set_unary_handler("/test/bloated/1", bloated)
+    with pytest.raises(p2p.RemoteError) as info:
+        await client.request(server.peer_id, "/test/bloated/1", Echo("x"))
+    assert info.value.code == p2p.ErrorCode.INTERNAL and "cannot be sent" in info.value.message
+
+
 async def test_accepts_restricts_request_types(make_host) -> None:
     client, server = await _pair(make_host)
     server.set_unary_handler("/test/echo-only/1", echo, accepts=Echo)
