@@ -14,6 +14,8 @@ DEFAULT_SESSION_IDLE_TIMEOUT = 120.0  # a session with no step for this long is 
 DEFAULT_DRAIN_TIMEOUT = 60.0  # on SIGTERM, running sessions get this long to finish
 DEFAULT_REBALANCE_INTERVAL = 600.0  # how often a --num-blocks node checks for a weaker span
 DEFAULT_JOIN_WAIT = 10.0  # how long a --num-blocks node waits to learn the swarm before choosing
+MAX_LEASE = 600.0  # seconds: crdt.DEFAULT_MAX_LEASE_MS (records with longer leases are refused)
+DEFAULT_LEASE_HEARTBEATS = 4  # pipeline._swarm.Announcer.LEASE_HEARTBEATS
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -94,3 +96,7 @@ class NodeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 seconds")
         if self.lease is not None and not (math.isfinite(self.lease) and self.lease > self.heartbeat):
             raise ValueError("--lease must be longer than --heartbeat")
+        lease = self.lease if self.lease is not None else DEFAULT_LEASE_HEARTBEATS * self.heartbeat
+        if lease > MAX_LEASE:
+            raise ValueError(f"the lease ({lease:g} s: --lease, or {DEFAULT_LEASE_HEARTBEATS} x --heartbeat) "
+                             f"exceeds the swarm's maximum of {MAX_LEASE:g} s")

@@ -116,6 +116,7 @@ def test_cache_budget_fails_fast_and_frees() -> None:
     (dict(blocks=(0, 2), new_swarm=True, device="tpu"), "--device"),
     (dict(blocks=(0, 2), new_swarm=True, heartbeat=0.0), "--heartbeat"),
     (dict(blocks=(0, 2), new_swarm=True, heartbeat=5.0, lease=5.0), "--lease"),
+    (dict(blocks=(0, 2), new_swarm=True, heartbeat=200.0), "maximum of 600 s"),
 ])
 def test_node_config_refuses_bad_values(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
