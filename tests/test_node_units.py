@@ -196,3 +196,11 @@ def test_sub_span_shares_the_weights(micro_model) -> None:
     ref = load_span(micro_model, 1, 3)
     h = torch.randn(1, 4, 64)
     torch.testing.assert_close(sub(h, 0, sub.new_cache(1, 8)), ref(h, 0, ref.new_cache(1, 8)), rtol=0, atol=0)
+
+
+def test_config_limits_follow_the_swarm() -> None:
+    from node import _config
+    from pipeline._swarm import Announcer
+
+    assert _config.MAX_LEASE * 1000 == crdt.DEFAULT_MAX_LEASE_MS
+    assert _config.DEFAULT_LEASE_HEARTBEATS == Announcer.LEASE_HEARTBEATS
