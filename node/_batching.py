@@ -3,8 +3,11 @@
 
 Sessions call ``await batcher.run(span, hidden, start, cache)``. The loop takes every pending
 job, gives each its next piece (a decode step whole; a long prompt `PREFILL_CHUNK` tokens at a
-time) until a pass holds `MAX_PASS_TOKENS` tokens, and runs the pieces as one pass in the compute
-worker thread (torch releases the GIL; the event loop keeps serving heartbeats meanwhile). A
+time) until a pass holds `MAX_PASS_TOKENS` tokens, and runs the pieces as one pass on the node's
+one persistent compute thread (torch releases the GIL; the event loop keeps serving heartbeats
+meanwhile). A persistent thread, not `trio.to_thread`: trio's thread cache may run each call on
+another OS thread, and torch's per-thread state then starts cold every pass (measured: 7.8 ms
+against 5.7 ms per tiny-model decode pass). A
 partly done prompt goes to the back of the queue, so decode steps that arrived during a pass run
 in the next one: one long prompt never stalls everyone.
 
@@ -16,6 +19,8 @@ job that caused it.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -70,7 +75,7 @@ class Batcher:
     def __init__(self) -> None:
         self._queue: deque[_Job] = deque()
         self._wakeup = trio.Event()
-        self._limiter = trio.CapacityLimiter(1)  # one compute worker thread
+        self._worker = ComputeThread()
         self.stats = BatchStats()
 
     async def run(self, span: Span, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
@@ -90,7 +95,14 @@ class Batcher:
         return job.result
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        self._worker.start()
+        try:
+            task_status.started()
+            await self._serve()
+        finally:
+            self._worker.stop()
+
+    async def _serve(self) -> None:
         recent: dict[int, int] = {}  # id of a session's cache -> the last pass that served it
         passes = 0
         last_pass = 0.0  # seconds the last pass took
@@ -142,7 +154,7 @@ class Batcher:
             by_span.setdefault(id(job.span), []).append((job, t))
         groups = list(by_span.values())
         began = trio.current_time()
-        outcome = await trio.to_thread.run_sync(_compute, groups, limiter=self._limiter)
+        outcome = await self._worker.run(_compute, groups)
         self.stats.compute_seconds += trio.current_time() - began
         self.stats.passes += 1
         self.stats.segments += len(batch)
@@ -163,6 +175,51 @@ class Batcher:
                 continue
             job.result = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1)
             job.finished.set()
+
+
+class ComputeThread:
+    """One long-lived OS thread that runs the node's forward passes, one at a time."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lamina-compute", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, token, box, done = job
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:  # handed to the awaiting task
+                box.append((False, exc))
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+    async def run(self, fn, *args):
+        """`fn(*args)` on the compute thread. Like `trio.to_thread.run_sync`, not cancellable
+        once started: a pass finishes (they are short) before a cancellation takes effect."""
+        if self._thread is None:
+            raise RuntimeError("the compute thread is not running")
+        box: list = []
+        done = trio.Event()
+        self._jobs.put((fn, args, trio.lowlevel.current_trio_token(), box, done))
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _segments(group: list[tuple[_Job, int]]) -> list[Segment]:
