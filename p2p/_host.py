@@ -264,6 +264,26 @@ class Host:
         except Exception as exc:
             raise PeerBrokenError(f"cannot connect to {info.peer_id}: {exc}", peer_id=info.peer_id) from exc
 
+    def add_addrs(self, peer: PeerLike, addrs: list[str], ttl: float = 3600.0) -> None:
+        """Remember multiaddrs for `peer` (with or without their /p2p/ suffix) so that
+        `request`/`open_session` can dial it by id. Addresses that are not TCP multiaddrs of
+        this peer raise `LocalProtocolError`."""
+        peer_id = _as_peer_id(peer)
+        parsed = []
+        for addr in addrs:
+            try:
+                ma = _parse_tcp_addr(addr, what="add_addrs", peer="may")
+            except ValueError as exc:
+                raise LocalProtocolError(str(exc)) from None
+            suffix = ma.value_for_protocol("p2p") if "/p2p/" in addr else None
+            if suffix is not None:
+                if suffix != peer_id.to_base58():
+                    raise LocalProtocolError(f"{addr} belongs to {suffix}, not {peer_id}")
+                ma = ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{suffix}"))
+            parsed.append(ma)
+        if parsed:
+            self.libp2p.get_peerstore().add_addrs(peer_id, parsed, int(ttl))
+
     async def disconnect(self, peer: PeerLike) -> None:
         with trio.move_on_after(RESET_DEADLINE):
             await self.libp2p.disconnect(_as_peer_id(peer))

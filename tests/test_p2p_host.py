@@ -106,6 +106,17 @@ async def test_announce_addrs_replace_listen_addrs(make_host) -> None:
     assert host.addrs() == [f"/ip4/203.0.113.7/tcp/4001/p2p/{host.peer_id_str}"]
 
 
+async def test_requests_dial_peers_known_only_by_remembered_addrs(make_host) -> None:
+    client, server = await make_host(), await make_host()
+    server.set_unary_handler("/test/echo/1", echo)
+    with pytest.raises(p2p.PeerBrokenError, match="no known address"):
+        await client.request(server.peer_id, "/test/echo/1", Echo("x"))
+    with pytest.raises(p2p.LocalProtocolError, match="belongs to"):
+        client.add_addrs(server.peer_id, [client.addrs()[0]])
+    client.add_addrs(server.peer_id_str, server.addrs())
+    assert (await client.request(server.peer_id, "/test/echo/1", Echo("dialled"))).text == "dialled"
+
+
 def test_host_config_validation() -> None:
     ident = p2p.Identity.generate()
     with pytest.raises(ValueError, match="not a TCP multiaddr"):
