@@ -289,8 +289,10 @@ class Host:
             await self.libp2p.disconnect(_as_peer_id(peer))
 
     def on_peer_connected(self, callback: PeerCallback) -> None:
-        """Call `await callback(peer_id)` for every new connection (each call isolated: an
-        exception is logged, not raised). Peers connected before registration are not replayed."""
+        """Call `await callback(peer_id)` for every new connection, inbound or outbound (each
+        call isolated: an exception is logged, not raised). With a DHT, callbacks run once the
+        peer is identified and, if it is a DHT server, in the routing table (at most
+        `IDENTIFY_WAIT` later). Peers connected before registration are not replayed."""
         self._on_connected.append(callback)
 
     def on_peer_disconnected(self, callback: PeerCallback) -> None:

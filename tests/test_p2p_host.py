@@ -284,7 +284,9 @@ async def test_a_send_cut_by_a_deadline_poisons_only_that_session(make_host) -> 
 
 
 # --- security ------------------------------------------------------------------------------------
-async def test_a_plaintext_only_dialer_is_refused(make_host) -> None:
+@pytest.mark.parametrize("offer", ["plaintext", "secio"])
+async def test_a_dialer_without_noise_is_refused(make_host, offer: str) -> None:
+    import libp2p.security.secio.transport as secio
     from libp2p import new_host
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.custom_types import TProtocol
@@ -296,15 +298,19 @@ async def test_a_plaintext_only_dialer_is_refused(make_host) -> None:
     server.set_unary_handler("/test/echo/1", echo)
     kp = create_new_key_pair()
     listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
-    insecure = new_host(key_pair=kp, listen_addrs=listen, sec_opt={TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(kp)})
+    sec_opt = {
+        "plaintext": {TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(kp)},
+        "secio": {TProtocol(secio.ID): secio.Transport(kp)},
+    }[offer]
+    weak = new_host(key_pair=kp, listen_addrs=listen, sec_opt=sec_opt)
     target = multiaddr.Multiaddr(server.addrs()[0])
-    async with insecure.run(listen):
+    async with weak.run(listen):
         with pytest.raises(Exception) as info:
             with trio.fail_after(10):
-                await insecure.connect(PeerInfo(ID.from_base58(target.value_for_protocol("p2p")), [target]))
-        assert not isinstance(info.value, trio.TooSlowError)
-        assert insecure.get_connected_peers() == []
-        await insecure.close()
+                await weak.connect(PeerInfo(ID.from_base58(target.value_for_protocol("p2p")), [target]))
+        assert not isinstance(info.value, trio.TooSlowError)  # refused during negotiation
+        assert weak.get_connected_peers() == []
+        await weak.close()
     assert server.connected_peers() == []
     client = await make_host()  # the host is still up and serving
     await client.connect(server.addrs()[0])
