@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--no-eos", action="store_true", help="ignore EOS: always make --max-new-tokens")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="cpu")
     g.add_argument("--show-route", action="store_true", help="log the chosen route")
@@ -56,6 +57,8 @@ def _input_ids(args, tokenizer):
 
 
 class _PrintStreamer:
+    """Prints new tokens as they come: text with a tokenizer, else ids separated by spaces."""
+
     def __init__(self, tokenizer):
         self.tokenizer, self.first, self.ids, self.shown = tokenizer, True, [], ""
 
@@ -85,24 +88,31 @@ def _generate(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.no_eos:
+        options["eos_token_id"] = []
     if args.local:
         from ._local import LocalModelForCausalLM
 
         model = LocalModelForCausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
         ids = _input_ids(args, model.tokenizer)
         t0 = time.perf_counter()
-        out = model.generate(ids, streamer=_PrintStreamer(model.tokenizer), **options)
+        out = model.generate(ids, streamer=_PrintStreamer(None if args.input_ids else model.tokenizer),
+                             **options)
     else:
         from ._client import DistributedModelForCausalLM
 
         if not args.initial_peers:
             raise ValueError("give --initial-peers (or --local to run every block here)")
         with DistributedModelForCausalLM.from_pretrained(
-                args.model, initial_peers=args.initial_peers, device=args.device, dtype=args.dtype,
-                show_route=args.show_route) as model:
+                args.model, initial_peers=args.initial_peers, device=args.device, dtype=args.dtype) as model:
             ids = _input_ids(args, model.tokenizer)
             t0 = time.perf_counter()
-            out = model.generate(ids, streamer=_PrintStreamer(model.tokenizer), **options)
+            with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:
+                if args.show_route:
+                    hops = " -> ".join(f"{h.peer_id}[{h.start}:{h.end})" for h in session.route)
+                    print(f"route: {hops}", file=sys.stderr)
+                out = model.generate(ids, streamer=_PrintStreamer(None if args.input_ids else model.tokenizer),
+                                     **options)
     new = out.shape[1] - ids.shape[1]
     dt = time.perf_counter() - t0
     print(f"[{new} tokens in {dt:.2f} s, {new / dt:.1f} tokens/s]", file=sys.stderr)

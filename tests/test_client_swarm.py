@@ -7,7 +7,10 @@ at once each get their own correct tokens.
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +18,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
+from pipeline import AsyncDistributedModelForCausalLM, DistributedModelForCausalLM, LocalModelForCausalLM
 from pipeline._chain import NoReplacementError
 from pipeline.launch import LocalSwarm
 
@@ -90,43 +93,94 @@ def test_no_replica_is_a_clear_error_within_the_deadline(tiny_model, tiny_refere
             assert time.monotonic() - killer.killed_at < 4.0 + 6.0
 
 
-def test_two_clients_share_nodes_and_get_their_own_tokens(tiny_model):
-    local = LocalModelForCausalLM.from_pretrained(tiny_model)
+@pytest.fixture(scope="module")
+def tiny_swarm(tiny_model):
+    """Two nodes for the tests that kill nothing."""
+    with LocalSwarm(tiny_model, [(0, 4), (4, 8)]) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def tiny_local(tiny_model):
+    return LocalModelForCausalLM.from_pretrained(tiny_model)
+
+
+def test_two_clients_share_nodes_and_get_their_own_tokens(tiny_model, tiny_swarm, tiny_local):
     prompts = [torch.tensor([[5, 17, 300, 41]]), torch.tensor([[900, 3, 3, 77, 12, 8]])]
-    expected = [local.generate(p, max_new_tokens=20, eos_token_id=[]) for p in prompts]
+    expected = [tiny_local.generate(p, max_new_tokens=20, eos_token_id=[]) for p in prompts]
     results: dict[int, torch.Tensor] = {}
     errors: list[BaseException] = []
-    with LocalSwarm(tiny_model, [(0, 4), (4, 8)]) as swarm:
-        barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2)
 
-        def client(i: int) -> None:
-            try:
-                with DistributedModelForCausalLM.from_pretrained(
-                        tiny_model, initial_peers=swarm.initial_peers) as model:
-                    barrier.wait(timeout=60)
-                    results[i] = model.generate(prompts[i], max_new_tokens=20, eos_token_id=[])
-            except BaseException as e:  # reported below
-                errors.append(e)
+    def client(i: int) -> None:
+        try:
+            with DistributedModelForCausalLM.from_pretrained(
+                    tiny_model, initial_peers=tiny_swarm.initial_peers) as model:
+                barrier.wait(timeout=60)
+                results[i] = model.generate(prompts[i], max_new_tokens=20, eos_token_id=[])
+        except BaseException as e:  # reported below
+            errors.append(e)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
     assert not errors, errors
     for i in range(2):
         assert torch.equal(results[i], expected[i])
 
 
-def test_session_continues_across_generate_calls(tiny_model):
-    local = LocalModelForCausalLM.from_pretrained(tiny_model)
+def test_session_continues_across_generate_calls(tiny_model, tiny_swarm, tiny_local):
     prompt = torch.tensor([[7, 8, 9, 10]])
-    whole = local.generate(prompt, max_new_tokens=12, eos_token_id=[])
-    with LocalSwarm(tiny_model, [(0, 8)]) as swarm, \
-            DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.initial_peers) as model:
+    whole = tiny_local.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=tiny_swarm.initial_peers) as model:
         with model.inference_session(max_length=64) as session:
             first = model.generate(prompt, max_new_tokens=6, eos_token_id=[])
             assert session.position == 4 + 5          # the 6th new token is not run yet
             more = model.generate(None, max_new_tokens=6, eos_token_id=[])   # continue
+            logits = model(torch.tensor([[11, 12]])).logits   # a forward inside the session
         assert torch.equal(first, whole[:, :10])
         assert torch.equal(torch.cat([first, more], dim=1), whole)
+        assert logits.shape == (1, 2, tiny_local.config.vocab_size)
+
+
+def test_sync_api_works_inside_a_running_event_loop(tiny_model, tiny_swarm, tiny_local):
+    """As in Jupyter: the caller's thread already runs an (asyncio) event loop."""
+    prompt = torch.tensor([[42, 43, 44]])
+    expected = tiny_local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+
+    async def notebook_cell():
+        assert asyncio.get_running_loop().is_running()
+        with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=tiny_swarm.initial_peers) as m:
+            return m.generate(prompt, max_new_tokens=8, eos_token_id=[])
+
+    assert torch.equal(asyncio.run(notebook_cell()), expected)
+
+
+async def test_async_api_for_trio_programs(tiny_model, tiny_swarm, tiny_local):
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    expected = tiny_local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    async with AsyncDistributedModelForCausalLM.from_pretrained(
+            tiny_model, initial_peers=tiny_swarm.initial_peers) as model:
+        out = await model.generate(prompt, max_new_tokens=8, eos_token_id=[])
+        logits = (await model.forward(prompt)).logits
+    assert torch.equal(out, expected)
+    assert (logits - tiny_local(prompt).logits).abs().max().item() < 1e-4
+
+
+def test_cli_generates_through_the_swarm(tiny_model, tiny_swarm, tiny_local):
+    expected = tiny_local.generate(torch.tensor([[9, 8, 7]]), max_new_tokens=6, eos_token_id=[])
+    r = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--model", str(tiny_model),
+                        "--initial-peers", *tiny_swarm.initial_peers, "--input-ids", "9,8,7",
+                        "--max-new-tokens", "6", "--threads", "1", "--no-eos", "--show-route"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in expected[0, 3:].tolist()]
+    assert "route:" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_unreachable_swarm_is_a_clear_error(tiny_model):
+    with pytest.raises(Exception, match="could not reach any of initial_peers"):
+        DistributedModelForCausalLM.from_pretrained(
+            tiny_model, initial_peers=["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKWdgmX6abxXnU4G57ByV2DtRMGh4VrzfHH1ExKNnewpV"])
