@@ -273,6 +273,7 @@ def main() -> None:
         trio.run(serve_all)
         return
     size = args.mb * 1024 * 1024
+    load_before = os.getloadavg()[0]  # other work on the machine; the benchmark adds ~2
     server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -285,8 +286,8 @@ def main() -> None:
         server.wait()
     lam, bare, raw = results["lamina"], results["libp2p"], results["raw_tcp"]
     out = {
-        "command": "python scripts/bench_p2p.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "command": " ".join(["python scripts/bench_p2p.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_avg_1m_before": round(load_before, 2)},
         "payload": {"rtt_bytes": RTT_SIZE, "bulk_bytes": size, "bulk_rounds": args.rounds, "rtt_samples": args.rtt_samples},
         **results,
         "ratios": {
