@@ -16,7 +16,7 @@ MAX_HEADER_SIZE = 8 * 1024 * 1024  # largest msgpack header, whatever the frame 
 MAX_TENSORS_PER_MESSAGE = 64
 MAX_TENSOR_NDIM = 8
 MAX_TYPE_TAG_LEN = 64
-PREALLOCATE_LIMIT = 16 * 1024 * 1024  # bodies up to this are allocated at once when announced
+PREALLOCATE_LIMIT = 1024 * 1024  # bodies up to this are allocated when announced; bigger ones as they arrive
 
 # --- sessions ------------------------------------------------------------------------------
 HEARTBEAT_INTERVAL = 0.5  # a session sends a heartbeat when it has sent nothing for this long
