@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import torch
@@ -45,6 +45,7 @@ logger = logging.getLogger("lamina.node")
 
 OPEN_DEADLINE = 10.0  # a new stream must send its first message (OpenSession, PushOpen) by then
 PUSH_QUEUE = 16  # results waiting to be pushed per session before the session slows down
+PUSH_FIRST_WAIT = 0.05  # longest a result's copy to the client waits for its push to go out first
 
 try:
     VERSION = metadata.version("lamina")
@@ -75,6 +76,9 @@ class _PushItem:
     peer: str
     session_id: str
     step: Step
+    # set once the step was written to the next node (or the push failed): the copy for the
+    # client waits for it, so the next node starts computing before we spend time on the echo
+    sent: trio.Event = field(default_factory=trio.Event, compare=False)
 
 
 class SpanServer:
@@ -295,6 +299,8 @@ class SpanServer:
             step = Step(sess.next_session, step_id, position, out, push=True)
             item = _PushItem(sess.next_peer, sess.next_session, step)
             await sess.pusher.enqueue(item)
+            with trio.move_on_after(PUSH_FIRST_WAIT):
+                await item.sent.wait()
         await self.to_client(sess, StepResult(sess.session_id, step_id, position, out))
         sess.last_active = trio.current_time()  # a long step is activity, not idleness
 
@@ -387,12 +393,15 @@ class _Pusher:
                 item = await self._receive.receive()
             if self._failed is not None and self._failed[0] == (item.peer, item.session_id):
                 await self._report(item.step.step_id, self._failed[1])
+                item.sent.set()
                 item = None
                 continue
             try:
                 item = await self._stream_to(item)
             except (p2p.P2PError, trio.TooSlowError) as exc:
                 logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
+                if item is not None:
+                    item.sent.set()
                 reason = f"push to {self._target_peer} failed: {exc!r}"[:1000]
                 self._failed = ((self._target_peer, self._target_session), reason)
                 await self._report(self._last_step_id, reason)
@@ -428,7 +437,10 @@ class _Pusher:
                     await stream.send(PushOpen(item.session_id))
                     while True:
                         self._last_step_id = item.step.step_id
-                        await stream.send(item.step)
+                        try:
+                            await stream.send(item.step)
+                        finally:
+                            item.sent.set()
                         item = await self._receive.receive()
                         if (item.peer, item.session_id) != target:
                             following = item
