@@ -21,6 +21,7 @@ def main() -> int:
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model", default=str(ROOT / ".lamina" / "tiny"))
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     import torch
@@ -43,11 +44,14 @@ def main() -> int:
                 route = " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end})" for h in session.route)
                 print(f"route: client -> {route} -> client")
                 t1 = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=[])
+                # the tiny model's weights are random: sample (seeded) so the text is not one
+                # repeated token; it is still gibberish, by construction
+                out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=[],
+                                     do_sample=True, temperature=0.9, top_k=50, seed=args.seed)
                 dt = time.perf_counter() - t1
             new = out.shape[1] - ids.shape[1]
             print(f"prompt: {args.prompt!r}")
-            print(f"output: {model.tokenizer.decode(out[0])!r}")
+            print(f"output: {model.tokenizer.decode(out[0])!r}  (random-init weights: gibberish by design)")
             print(f"{new} tokens in {dt:.2f} s: {new / dt:.1f} tokens/s through 3 nodes")
         codes = swarm.stop()
     print(f"swarm stopped (exit codes {codes})")
