@@ -102,8 +102,14 @@ class Chain:
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        route = await self._route(0, self.num_blocks)
-        self.links = await self._open_links(route, None, born_step=0)
+        deadline = trio.current_time() + self.config.failover_deadline
+        while True:
+            route = await self._route(0, self.num_blocks, deadline=deadline)
+            try:
+                self.links = await self._open_links(route, None, born_step=0)
+                break
+            except _OpenFailed as e:          # busy, draining, unreachable: route around it
+                self._excluded.add(e.peer_id)
         if self.config.show_route:
             log.warning("route: %s", describe_route([link.hop for link in self.links]))
 
@@ -138,7 +144,10 @@ class Chain:
         self._current = step_id
         self._final.clear()
         self._remember(0, position, step_id, hidden)
-        await self._send_step(self.links[0], step_id, position, hidden)
+        try:
+            await self._send_step(self.links[0], step_id, position, hidden)
+        except (p2p.P2PError, trio.TooSlowError) as e:    # failover takes it from here
+            self.links[0].broken = self.links[0].broken or e
         out = await self._await_final(step_id, position, t)
         self.position = position + t
         return out
@@ -158,7 +167,7 @@ class Chain:
                 if got is not None and got[0] == step_id:
                     try:
                         await self._send_step(resend_to, step_id, position, got[1])
-                    except p2p.P2PError as e:
+                    except (p2p.P2PError, trio.TooSlowError) as e:
                         resend_to.broken = resend_to.broken or e
                     resend_to = None
             bad = self._failed_link(step_id, position, deadline)
@@ -220,9 +229,11 @@ class Chain:
             try:
                 await self._replay(new, bad.start, position)
                 if nxt is not None:
-                    await self._set_next(new[-1], nxt)
-                if i > 0:
-                    await self._set_next(self.links[i - 1], new[0])
+                    try:
+                        await self._set_next(new[-1], nxt)
+                    except (p2p.P2PError, trio.TooSlowError) as e:
+                        new[-1].broken = new[-1].broken or e
+                        raise
             except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
                 culprit = next((link for link in new if link.broken is not None), new[0])
                 log.warning("replacement %s failed during replay (%s)", culprit.hop.peer_id, e)
@@ -231,6 +242,12 @@ class Chain:
                     await self._drop(link, polite=False)
                 continue
             self.links[i:i + 1] = new
+            if i > 0:
+                up = self.links[i - 1]
+                try:
+                    await self._set_next(up, new[0])
+                except (p2p.P2PError, trio.TooSlowError) as e:   # the upstream failed too: next round
+                    up.broken = up.broken or e
             if self.config.show_route:
                 log.warning("new route: %s", describe_route(self.route))
             return new[0]
@@ -246,9 +263,7 @@ class Chain:
             if pos != expected:
                 raise _ReplayFailed(f"stored inputs at block {boundary} have a gap at {expected}")
             expected += h.shape[1]
-        for a, b in zip(new, new[1:]):
-            await self._set_next(a, b)
-        step_ids = [sid for _, sid, _ in chunks]
+        step_ids = [sid for _, sid, _ in chunks]      # the new hops push to each other already
         msg = Replay(session_id=new[0].session_id, step_ids=tuple(step_ids),
                      chunks=tuple(h.shape[1] for _, _, h in chunks),
                      hidden=p2p.Tensor.from_torch(torch.cat([h for _, _, h in chunks], dim=1)),
