@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ._checkpoint import Checkpoint, load_client_head, load_span
