@@ -381,5 +381,10 @@ async def test_200_open_close_cycles_leave_fds_and_tasks_flat() -> None:
         fds, tasks = _fd_count(), _task_count()
         for _ in range(20):
             await wave()
+        # the last wave's stragglers (identify tasks, closing streams) may take a moment under
+        # load; a leak never settles
+        with trio.move_on_after(10):
+            while _fd_count() > fds + 2 or _task_count() > tasks + 2:
+                await trio.sleep(0.05)
         assert _fd_count() <= fds + 2
         assert _task_count() <= tasks + 2
