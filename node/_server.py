@@ -204,15 +204,8 @@ class SpanServer:
     async def _session_loop(self, sess: ServedSession, stream: p2p.Session) -> None:
         while True:
             with trio.move_on_at(sess.last_active + self.idle_timeout) as idle:
-                try:
-                    msg = await stream.receive()
-                except p2p.EndOfSession:
-                    return
-                except (p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
-                    # The client is gone (or sent garbage / an error frame): end quietly. Raising
-                    # would only make the host log a "bug" (see the report on p2p's handler
-                    # wrapper: it does not unwrap exception groups from run_session).
-                    logger.debug("session %s: client stream ended: %r", sess.session_id[:8], exc)
+                msg = await _next_message(stream, f"session {sess.session_id[:8]}: client stream")
+                if msg is None:
                     return
             if idle.cancelled_caught:
                 if trio.current_time() >= sess.last_active + self.idle_timeout:
@@ -330,12 +323,8 @@ class SpanServer:
         try:
             with scope:
                 while True:
-                    try:
-                        step = await stream.receive()
-                    except p2p.EndOfSession:
-                        return
-                    except (p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
-                        logger.debug("push stream into session %s ended: %r", sess.session_id[:8], exc)
+                    step = await _next_message(stream, f"push stream into session {sess.session_id[:8]}")
+                    if step is None:
                         return
                     if type(step) is not Step:
                         raise p2p.RemoteError(BAD_REQUEST, f"push streams carry Steps, not {type(step).TYPE}")
@@ -355,14 +344,21 @@ def _not_here(session_id: str) -> StepError:
     return StepError(UNKNOWN_SESSION, f"session {session_id} is not open on this stream")
 
 
+async def _next_message(stream: p2p.Session, what: str) -> p2p.Message | None:
+    """The stream's next message, or None once the peer has ended it, cleanly or not (or sent
+    garbage / an error frame). Ending quietly: raising would only make the host log a "bug"
+    (p2p's handler wrapper does not unwrap exception groups from run_session)."""
+    try:
+        return await stream.receive()
+    except (p2p.EndOfSession, p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
+        logger.debug("%s ended: %r", what, exc)
+        return None
+
+
 async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | None:
     """The stream's first message (None if the peer left at once), within OPEN_DEADLINE."""
     with trio.move_on_after(OPEN_DEADLINE):
-        try:
-            return await stream.receive()
-        except (p2p.EndOfSession, p2p.PeerError, p2p.RemoteProtocolError, p2p.RemoteError) as exc:
-            logger.debug("a stream ended before its %s: %r", expected, exc)
-            return None
+        return await _next_message(stream, f"a stream before its {expected}")
     raise p2p.RemoteError(BAD_REQUEST, f"no {expected} within {OPEN_DEADLINE}s")
 
 

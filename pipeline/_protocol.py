@@ -51,6 +51,13 @@ def _check_session_id(value: str | None) -> None:
         raise ValueError("session ids are 32 lowercase hex characters")
 
 
+def _check_next_hop(msg: "OpenSession | SetNextHop") -> None:
+    _check_session_id(msg.session_id)
+    _check_session_id(msg.next_session)
+    if (msg.next_peer is None) != (msg.next_session is None):
+        raise ValueError("next_peer and next_session go together")
+
+
 @p2p.message("lamina.open")
 @dataclass(frozen=True)
 class OpenSession(p2p.Message):
@@ -65,14 +72,11 @@ class OpenSession(p2p.Message):
     next_session: str | None = p2p.field(default=None, max_len=32)
 
     def validate(self) -> None:
-        _check_session_id(self.session_id)
-        _check_session_id(self.next_session)
+        _check_next_hop(self)
         if self.start >= self.end:
             raise ValueError(f"span [{self.start}, {self.end}) is empty")
         if self.dtype not in HIDDEN_DTYPES:
             raise ValueError(f"dtype must be one of {HIDDEN_DTYPES}")
-        if (self.next_peer is None) != (self.next_session is None):
-            raise ValueError("next_peer and next_session go together")
 
 
 @p2p.message("lamina.opened")
@@ -159,10 +163,7 @@ class SetNextHop(p2p.Message):
     next_session: str | None = p2p.field(default=None, max_len=32)
 
     def validate(self) -> None:
-        _check_session_id(self.session_id)
-        _check_session_id(self.next_session)
-        if (self.next_peer is None) != (self.next_session is None):
-            raise ValueError("next_peer and next_session go together")
+        _check_next_hop(self)
 
 
 @p2p.message("lamina.close")
