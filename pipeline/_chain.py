@@ -18,7 +18,6 @@ same positions with the same values. The number of failovers per step is bounded
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +29,7 @@ from ._errors import LaminaError
 from ._protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, PushFailed, Replay,
                         SessionOpened, SetNextHop, Step, StepFailed, StepResult, new_session_id)
 from ._routing import Hop, NoRouteError, RouteOptions, choose_route, describe_route
+from ._swarm import now_ms
 
 log = logging.getLogger("lamina.client")
 
@@ -286,7 +286,7 @@ class Chain:
         while True:
             try:
                 return choose_route(self.view.servers(self.model_hash), start, end,
-                                    now_ms=int(time.time() * 1000),
+                                    now_ms=now_ms(),
                                     needed_tokens=self.batch * self.max_length,
                                     options=self.config.route_options, excluded=self._excluded)
             except NoRouteError as e:

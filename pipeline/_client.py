@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -35,7 +34,7 @@ from ._errors import LaminaError
 from ._generation import GenerationConfig, Streamer, agenerate
 from ._local import CausalLMOutput
 from ._routing import RouteOptions
-from ._swarm import SWARM_TOPIC, SwarmView
+from ._swarm import SWARM_TOPIC, SwarmView, now_ms
 from ._tokenizer import Tokenizer
 
 log = logging.getLogger("lamina.client")
@@ -130,7 +129,7 @@ class AsyncDistributedModelForCausalLM:
 
     def _covered(self, blocks: int) -> bool:
         covered: set[int] = set()
-        now = int(time.time() * 1000)
+        now = now_ms()
         for r in self.view.servers(self.model_hash):
             if r.is_live(now):
                 covered.update(range(r.start, r.end))
@@ -235,6 +234,19 @@ class _TrioThread:
             await self._stop.wait()
             nursery.cancel_scope.cancel()
 
+    def start_task(self, afn) -> None:
+        """`nursery.start(afn)` on the loop thread: returns once `afn` called
+        `task_status.started()`; an error before that is raised as itself, not as a group."""
+
+        async def start() -> None:
+            assert self.nursery is not None
+            try:
+                await self.nursery.start(afn)
+            except BaseExceptionGroup as eg:  # noqa: F821 - py3.11 builtin
+                raise _first_error(eg) from None
+
+        self.run(start)
+
     def run(self, afn, *args):
         if self.token is None:
             raise RuntimeError("the client's event loop is not running") from self._error
@@ -272,15 +284,8 @@ class DistributedModelForCausalLM:
                 task_status.started()
                 await stop.wait()
 
-        async def start() -> None:
-            assert runner.nursery is not None
-            try:
-                await runner.nursery.start(keep_open)
-            except BaseExceptionGroup as eg:  # noqa: F821 - py3.11 builtin
-                raise _first_error(eg) from None
-
         try:
-            runner.run(start)
+            runner.start_task(keep_open)
         except BaseException:
             runner.stop()
             raise
@@ -310,14 +315,7 @@ class DistributedModelForCausalLM:
                 task_status.started()
                 await done.wait()
 
-        async def start() -> None:
-            assert self._runner.nursery is not None
-            try:
-                await self._runner.nursery.start(keep)
-            except BaseExceptionGroup as eg:  # noqa: F821
-                raise _first_error(eg) from None
-
-        self._runner.run(start)
+        self._runner.start_task(keep)
         previous, self._active = self._active, holder["session"]
         try:
             yield holder["session"]
