@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,13 +453,25 @@ class Host:
             with trio.fail_after(OPEN_STREAM_DEADLINE):
                 if not self.is_connected(peer_id):
                     await self._dial_known(peer_id)
-                return await self.libp2p.new_stream(peer_id, [TProtocol(protocol_id)])
+                try:
+                    return await self.libp2p.new_stream(peer_id, [TProtocol(protocol_id)])
+                except Exception as exc:
+                    if _unsupported(exc):
+                        raise
+                    # The connection we had was going away (py-libp2p: "No valid connections
+                    # available", seen between two nodes that dialled each other at once):
+                    # dial again and retry once, within the same deadline.
+                    logger.debug("opening %s to %s failed (%r); redialling once", protocol_id, peer_id, exc)
+                    with trio.move_on_after(RESET_DEADLINE):
+                        await self.libp2p.disconnect(peer_id)    # drop the dead connection first
+                    await self._dial_known(peer_id)
+                    return await self.libp2p.new_stream(peer_id, [TProtocol(protocol_id)])
         except trio.TooSlowError:
             raise PeerTimeoutError(f"opening {protocol_id} to {peer_id} took more than {OPEN_STREAM_DEADLINE}s", peer_id=peer_id) from None
         except P2PError:
             raise
         except Exception as exc:
-            if "not supported" in str(exc) or "not supported" in str(exc.__cause__):
+            if _unsupported(exc):
                 raise UnsupportedProtocolError(f"{peer_id} does not serve {protocol_id}", peer_id=peer_id) from exc
             raise PeerBrokenError(f"cannot open {protocol_id} to {peer_id}: {exc}", peer_id=peer_id) from exc
 
@@ -501,6 +513,11 @@ class Host:
         if error is not None:
             raise error
         return reply
+
+
+def _unsupported(exc: BaseException) -> bool:
+    """py-libp2p's way of saying the peer does not serve a protocol."""
+    return "not supported" in str(exc) or "not supported" in str(exc.__cause__)
 
 
 def _describe(exc: BaseException) -> str:

@@ -63,7 +63,6 @@ class _Link:
     hop: Hop
     session_id: str
     session: p2p.Session
-    born_step: int                      # the step during which this link was opened
     cancel: trio.CancelScope            # of the task that owns the stream (see Chain._run_link)
     broken: BaseException | None = None
 
@@ -106,7 +105,7 @@ class Chain:
         while True:
             route = await self._route(0, self.num_blocks, deadline=deadline)
             try:
-                self.links = await self._open_links(route, None, born_step=0)
+                self.links = await self._open_links(route, None)
                 break
             except _OpenFailed as e:          # busy, draining, unreachable: route around it
                 self._excluded.add(e.peer_id)
@@ -170,6 +169,18 @@ class Chain:
                     except (p2p.P2PError, trio.TooSlowError) as e:
                         resend_to.broken = resend_to.broken or e
                     resend_to = None
+            relay = self._push_failed_into(step_id)
+            if relay is not None and resend_to is None:
+                # The path between two nodes broke, not necessarily either node: re-wire the
+                # upstream (which resets its pusher) and deliver this step to the link ourselves,
+                # from the upstream's echo. A dead link shows up as its own broken stream.
+                try:
+                    await self._set_next(self.links[self.links.index(relay) - 1], relay)
+                except (p2p.P2PError, trio.TooSlowError) as e:
+                    up = self.links[self.links.index(relay) - 1]
+                    up.broken = up.broken or e
+                resend_to = relay
+                continue
             bad = self._failed_link(step_id, position, deadline)
             if bad is not None:
                 failovers += 1
@@ -184,15 +195,22 @@ class Chain:
             with trio.move_on_at(deadline):
                 await changed.wait()
 
+    def _push_failed_into(self, step_id: int) -> _Link | None:
+        """The first link whose upstream reported it could not push this step to it (once)."""
+        failed = self._push_failed.get(step_id)
+        if not failed:
+            return None
+        for up, link in zip(self.links, self.links[1:]):
+            if up.session_id in failed:
+                failed.discard(up.session_id)
+                return link
+        return None
+
     def _failed_link(self, step_id: int, position: int, deadline: float) -> _Link | None:
         for i, link in enumerate(self.links):
             if link.broken is not None:
                 return link
             # an upstream node could not push to this one (and this link predates the step)
-            if i > 0 and link.born_step < step_id and \
-                    self.links[i - 1].session_id in self._push_failed.get(step_id, ()):
-                link.broken = p2p.PeerBrokenError(f"upstream node could not push to {link.hop.peer_id}")
-                return link
         if trio.current_time() >= deadline:
             # the first hop that has not produced this step's output is the slow one
             for link in self.links:
@@ -222,7 +240,7 @@ class Chain:
             nxt = self.links[i + 1] if i + 1 < len(self.links) else None
             route = await self._route(bad.start, bad.end, deadline=deadline)
             try:
-                new = await self._open_links(route, None, born_step=step_id)
+                new = await self._open_links(route, None)
             except _OpenFailed as e:
                 self._excluded.add(e.peer_id)
                 continue
@@ -297,12 +315,12 @@ class Chain:
                 with trio.move_on_at(deadline):
                     await self.view.wait_changed()
 
-    async def _open_links(self, route: list[Hop], nxt: _Link | None, born_step: int) -> list[_Link]:
+    async def _open_links(self, route: list[Hop], nxt: _Link | None) -> list[_Link]:
         """Open sessions on `route`, last hop first, each pushing to the one after it."""
         links: list[_Link] = []
         for hop in reversed(route):
             try:
-                link = await self._open_link(hop, links[0] if links else nxt, born_step)
+                link = await self._open_link(hop, links[0] if links else nxt)
             except BaseException:
                 for opened in links:
                     await self._drop(opened, polite=True)
@@ -310,16 +328,15 @@ class Chain:
             links.insert(0, link)
         return links
 
-    async def _open_link(self, hop: Hop, nxt: _Link | None, born_step: int) -> _Link:
+    async def _open_link(self, hop: Hop, nxt: _Link | None) -> _Link:
         assert self._nursery is not None
         try:
-            return await self._nursery.start(self._run_link, hop, nxt, born_step)
+            return await self._nursery.start(self._run_link, hop, nxt)
         except (p2p.P2PError, trio.TooSlowError, OSError) as e:
             log.info("cannot open a session on %s: %s", hop.peer_id, e)
             raise _OpenFailed(hop.peer_id) from e
 
-    async def _run_link(self, hop: Hop, nxt: _Link | None, born_step: int,
-                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_link(self, hop: Hop, nxt: _Link | None, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own one node's stream for its whole life: open it, read it, close it (a nursery inside
         the p2p session must be entered and left by the same task)."""
         sid = new_session_id()
@@ -338,7 +355,7 @@ class Chain:
                     reply = await session.receive()
                 if not isinstance(reply, SessionOpened) or reply.session_id != sid:
                     raise p2p.RemoteProtocolError(f"expected SessionOpened, got {type(reply).__name__}")
-                link = _Link(hop, sid, session, born_step, cancel)
+                link = _Link(hop, sid, session, cancel)
                 task_status.started(link)
                 try:
                     while True:
