@@ -92,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-addr", nargs="+", action="extend", type=_multiaddr(peer=False), default=[],
                    metavar="MULTIADDR",
                    help="addresses to announce instead of the listen addresses (public IP, port forwarding)")
+    p.add_argument("--lane-port", type=int, default=0, metavar="PORT",
+                   help="TCP port for direct lanes (sessions' tensors on their own connection; "
+                        "default: a free port). Forward it along with the listen port behind a NAT")
+    p.add_argument("--no-lanes", action="store_true",
+                   help="carry every session on libp2p streams (slower per message)")
     swarm = p.add_mutually_exclusive_group(required=True)
     swarm.add_argument("--new-swarm", action="store_true", help="start a new swarm alone")
     swarm.add_argument("--initial-peers", nargs="+", action="extend", type=_multiaddr(peer=True), metavar="MULTIADDR",
@@ -139,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks,
         listen=args.listen or [DEFAULT_LISTEN], announce_addrs=args.announce_addr,
+        lanes=not args.no_lanes, lane_port=args.lane_port,
         new_swarm=args.new_swarm, initial_peers=args.initial_peers or [],
         identity=Path(args.identity) if args.identity else None, device=args.device, dtype=args.dtype,
         public_name=args.public_name, max_sessions=args.max_sessions, cache_tokens=args.cache_tokens,

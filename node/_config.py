@@ -35,6 +35,8 @@ class NodeConfig:
     num_blocks: int | None = None
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     announce_addrs: list[str] = field(default_factory=list)
+    lanes: bool = True  # offer direct lanes to sessions (p2p._lane)
+    lane_port: int = 0  # 0: any free port
     new_swarm: bool = False
     initial_peers: list[str] = field(default_factory=list)
     identity: Path | None = None  # key file (created if missing); None: a fresh identity per run
@@ -74,6 +76,8 @@ class NodeConfig:
             raise ValueError("give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm to start one")
         if not self.listen:
             raise ValueError("--listen needs at least one multiaddr")
+        if not 0 <= self.lane_port <= 65535:
+            raise ValueError(f"--lane-port must be a TCP port (0-65535), got {self.lane_port}")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)} (optionally cuda:N)")
         if self.dtype not in DTYPES:

@@ -218,6 +218,7 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     identity = p2p.Identity.load_or_create(config.identity) if config.identity else p2p.Identity.generate()
     host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen),
                                  announce_addrs=list(config.announce_addrs),
+                                 enable_lanes=config.lanes, lane_port=config.lane_port,
                                  bootstrap_peers=list(config.initial_peers), gossip_topics=swarm_topics())
     async with p2p.open_host(host_config) as host:
         async with trio.open_nursery() as nursery:

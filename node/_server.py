@@ -122,8 +122,8 @@ class SpanServer:
 
     def install(self) -> None:
         limit = self.budget.max_sessions + 1
-        self.host.set_session_handler(INFERENCE_PROTOCOL, self._serve_inference, max_concurrent_per_peer=limit)
-        self.host.set_session_handler(PUSH_PROTOCOL, self._serve_push, max_concurrent_per_peer=limit)
+        self.host.set_session_handler(INFERENCE_PROTOCOL, self._serve_inference, max_concurrent_per_peer=limit, lane=True)
+        self.host.set_session_handler(PUSH_PROTOCOL, self._serve_push, max_concurrent_per_peer=limit, lane=True)
         self.host.set_unary_handler(INFO_PROTOCOL, self._serve_info, accepts=InfoRequest)
 
     # -- /lamina/info/1 ----------------------------------------------------------------------
@@ -414,7 +414,7 @@ class _Pusher:
         learn_addrs(self.server.host, item.peer, self.server.peer_addrs(item.peer))
         failure: list[BaseException] = []
         following: _PushItem | None = None
-        async with self.server.host.open_session(item.peer, PUSH_PROTOCOL) as stream:
+        async with self.server.host.open_session(item.peer, PUSH_PROTOCOL, lane=True) as stream:
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:

@@ -4,6 +4,11 @@ The stack is TCP + Noise + yamux and nothing else: plaintext, secio, TLS and mpl
 offered, so a dialer that only speaks plaintext is refused during negotiation. Leaving the
 context closes every connection, stops gossip and the DHT, and cancels every task we started.
 
+Session handlers registered with ``lane=True`` move their sessions to a direct lane (a
+dedicated TCP connection with its own AEAD records, see `_lane`) when the client asks for one
+with ``open_session(..., lane=True)`` and can reach it; otherwise they stay on the libp2p
+stream. Either way the handler and the client get the same `Session` interface.
+
 Handlers run isolated: whatever a handler raises becomes an `ErrorMessage` frame to the peer
 (``RemoteError`` codes pass through; anything else is ``"internal"``) and never reaches
 py-libp2p, where an exception escaping a stream handler tears the whole host down.
@@ -59,6 +64,8 @@ from ._errors import (
 )
 from ._gossip import Gossip
 from ._identity import Identity
+from ._lane import (LANE_CONNECT_DEADLINE, LANE_HELLO_DEADLINE, LANE_TICKET_TTL, LaneDecline, LaneHello,
+                    LaneInvite, LaneListener, LaneStream, LaneUnavailable, connect_lane, lane_ip)
 from ._logging import quiet_libp2p_logging
 from ._messages import REGISTRY, ErrorMessage, Message
 from ._session import Session, run_session
@@ -117,6 +124,10 @@ class HostConfig:
     gossip_max_message_size: int = GOSSIP_MAX_MESSAGE_SIZE
     enable_dht: bool = True
     enable_gossip: bool = True
+    # direct lanes for sessions of handlers registered with lane=True (see `_lane`): the TCP
+    # port they listen on (0: any free port), on the host of the first listen address
+    enable_lanes: bool = True
+    lane_port: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.identity, Identity):
@@ -142,6 +153,7 @@ class _Handler:
     fn: Callable[..., Awaitable[Any]]
     max_concurrent_per_peer: int
     accepts: tuple[type[Message], ...] | None
+    lane: bool = False
     active: dict[ID, int] = field(default_factory=dict)
 
 
@@ -205,6 +217,7 @@ class Host:
         self._on_disconnected: list[PeerCallback] = []
         self._nursery: trio.Nursery | None = None
         self._primary_ip = _primary_ip()
+        self.lanes: LaneListener | None = None  # set while the lane listener is up
 
     # -- identity and addresses ------------------------------------------------------------
     @property
@@ -357,10 +370,15 @@ class Host:
         fn: SessionHandler,
         *,
         max_concurrent_per_peer: int = DEFAULT_MAX_CONCURRENT_PER_PEER,
+        lane: bool = False,
     ) -> None:
         """Serve `protocol_id` with `await fn(peer_id, session)`; the session is closed (with a
-        goodbye) when fn returns, and reset if it raises (after an error frame to the peer)."""
-        self._register(_Handler(protocol_id, "session", fn, max_concurrent_per_peer, None))
+        goodbye) when fn returns, and reset if it raises (after an error frame to the peer).
+
+        `lane`: clients that open the session with ``lane=True`` get it on a direct lane when
+        they can reach one (much lower per-message cost); a protocol is lane-capable on both
+        ends or on neither (a client's `LaneHello` is the first message it sends)."""
+        self._register(_Handler(protocol_id, "session", fn, max_concurrent_per_peer, None, lane))
 
     def remove_handler(self, protocol_id: str) -> None:
         self._handlers.pop(protocol_id, None)
@@ -384,28 +402,107 @@ class Host:
     async def _serve_stream(self, handler: _Handler, stream: Any) -> None:
         """py-libp2p's stream handler. Never raises (an escaping exception kills the host)."""
         peer_id = stream.muxed_conn.peer_id
+        counted = False
         try:
+            lane: LaneStream | None = None
             async with run_session(stream, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
                 running = handler.active.get(peer_id, 0)
                 if running >= handler.max_concurrent_per_peer:
                     await session.send(ErrorMessage(ErrorCode.BUSY, f"more than {handler.max_concurrent_per_peer} concurrent {handler.protocol_id} streams"))
                     return
                 handler.active[peer_id] = running + 1
-                try:
-                    if handler.kind == "unary":
-                        await self._serve_unary(handler, peer_id, session)
-                    else:
+                counted = True
+                if handler.kind == "unary":
+                    await self._serve_unary(handler, peer_id, session)
+                else:
+                    if handler.lane:
+                        lane = await self._accept_lane(session)
+                    if lane is None:
                         await self._serve_session(handler, peer_id, session)
-                finally:
-                    left = handler.active.get(peer_id, 1) - 1
-                    if left:
-                        handler.active[peer_id] = left
-                    else:
-                        handler.active.pop(peer_id, None)
+            if lane is not None:  # the libp2p stream is closed; the session goes on over the lane
+                async with run_session(lane, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
+                    await self._serve_session(handler, peer_id, session)
         except (PeerError, LocalProtocolError, RemoteProtocolError, EndOfSession) as exc:
             logger.debug("%s stream from %s ended: %r", handler.protocol_id, peer_id, exc)
         except Exception:
             logger.exception("bug while serving %s to %s", handler.protocol_id, peer_id)
+        finally:
+            if counted:
+                left = handler.active.get(peer_id, 1) - 1
+                if left:
+                    handler.active[peer_id] = left
+                else:
+                    handler.active.pop(peer_id, None)
+
+    async def _accept_lane(self, session: Session) -> LaneStream | None:
+        """Server side of the lane set-up (see `_lane`): the lane the client moved to, or None
+        to stay on this session (the client did not ask, could not connect, or we have no
+        lanes). A first message that is not a `LaneHello` is left for the handler."""
+        first: Message | None = None
+        with trio.move_on_after(LANE_HELLO_DEADLINE):
+            try:
+                first = await session.receive()
+            except (EndOfSession, RemoteError):
+                return None  # the handler sees the same when it reads
+        if first is None:
+            return None
+        if type(first) is not LaneHello:
+            session._unreceive(first)
+            return None
+        offer = self.lanes.invite() if self.lanes is not None else None
+        if offer is None:
+            await session.send(LaneUnavailable("this host has no lane listener" if self.lanes is None else "too many lanes being set up"))
+            return None
+        invite, ticket = offer
+        await session.send(invite)
+        declined = False
+        try:
+            with trio.move_on_after(LANE_TICKET_TTL):
+                async with trio.open_nursery() as nursery:
+
+                    async def client_answer() -> None:
+                        nonlocal declined
+                        try:
+                            msg = await session.receive()
+                        except (EndOfSession, RemoteError):
+                            pass  # after a lane arrived, the client's goodbye ends this stream
+                        else:
+                            declined = True  # LaneDecline, or the client went on without a lane
+                            if type(msg) is not LaneDecline:
+                                session._unreceive(msg)
+                        nursery.cancel_scope.cancel()
+
+                    async def lane_arrival() -> None:
+                        await ticket.arrived.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(client_answer)
+                    nursery.start_soon(lane_arrival)
+        finally:
+            self.lanes.withdraw(invite.ticket)
+        if declined and ticket.stream is not None:  # the client stays on libp2p: so do we
+            await ticket.stream.reset()
+            return None
+        return ticket.stream
+
+    async def _request_lane(self, session: Session, stream: Any) -> LaneStream | None:
+        """Client side of the lane set-up: the lane, or None to stay on this session."""
+        ip = lane_ip(stream)
+        if ip is None:
+            return None
+        await session.send(LaneHello())
+        reply = await session.receive()
+        if type(reply) is LaneUnavailable:
+            logger.debug("%s has no lane for %s: %s", session.peer_id, session.protocol_id, reply.reason)
+            return None
+        if type(reply) is not LaneInvite:
+            raise RemoteProtocolError(f"expected a lane invite, got {type(reply).TYPE}")
+        try:
+            return await connect_lane(ip, reply)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p", session.peer_id, ip, reply.port, exc)
+            await session.send(LaneDecline(repr(exc)[:200]))
+            return None
 
     async def _serve_unary(self, handler: _Handler, peer_id: ID, session: Session) -> None:
         try:
@@ -489,13 +586,27 @@ class Host:
         await self._connect(PeerInfo(peer_id, addrs))
 
     @asynccontextmanager
-    async def open_session(self, peer: PeerLike, protocol_id: str) -> AsyncIterator[Session]:
+    async def open_session(self, peer: PeerLike, protocol_id: str, *, lane: bool = False) -> AsyncIterator[Session]:
         """A long-lived bidirectional session with `peer` on `protocol_id` (dialling if needed).
-        Leaving the block says goodbye; an exception resets the stream."""
+        Leaving the block says goodbye; an exception resets the stream.
+
+        `lane=True` (for protocols whose handler is registered with ``lane=True``): move the
+        session to a direct lane when the peer offers one and we can reach it (see `_lane`)."""
         peer_id = _as_peer_id(peer)
         stream = await self._open_stream(peer_id, protocol_id)
+        moved: LaneStream | None = None
         async with run_session(stream, peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
-            yield session
+            if lane and self.config.enable_lanes:
+                try:
+                    with trio.fail_after(OPEN_STREAM_DEADLINE + LANE_CONNECT_DEADLINE):
+                        moved = await self._request_lane(session, stream)
+                except trio.TooSlowError:
+                    raise PeerTimeoutError(f"setting up a lane to {peer_id} timed out", peer_id=peer_id) from None
+            if moved is None:
+                yield session
+        if moved is not None:
+            async with run_session(moved, peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
+                yield session
 
     async def request(self, peer: PeerLike, protocol_id: str, msg: Message) -> Message:
         """Send one request, return the response. Raises `RemoteError` (the peer answered with
@@ -607,6 +718,8 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                             mode = resolve_dht_mode(config.dht_mode, our_ips, boot_ips, bool(config.announce_addrs))  # type: ignore[arg-type]
                             host.dht = DHT(h, mode)
                             await nursery.start(host.dht.serve)
+                        if config.enable_lanes:
+                            await _start_lanes(host, nursery)
                         _isolate_libp2p_handlers(h)
                         h.get_network().register_notifee(_Notifee(host))
                         await _bootstrap(host)
@@ -621,6 +734,19 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     except BaseExceptionGroup as group:
         # py-libp2p's and our nurseries wrap whatever the body raised; hand it on as itself
         reraise_single(group)
+
+
+async def _start_lanes(host: Host, nursery: trio.Nursery) -> None:
+    """Start the lane listener on the host of the first listen address. Lanes are an
+    optimisation: when the port cannot be bound, sessions stay on libp2p streams."""
+    bind = _ip_of(multiaddr.Multiaddr(host.config.listen_addrs[0])) or "0.0.0.0"
+    listener = LaneListener(bind, host.config.lane_port)
+    try:
+        await nursery.start(listener.serve)
+    except OSError as exc:
+        logger.warning("no direct lanes: cannot listen on %s:%d (%s)", bind, host.config.lane_port, exc)
+        return
+    host.lanes = listener
 
 
 class _ClosingTCPStream(TrioTCPStream):

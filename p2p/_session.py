@@ -52,6 +52,7 @@ from ._errors import (
     RemoteProtocolError,
     reraise_single,
 )
+from ._lane import LaneStream
 from ._messages import ErrorMessage, Goodbye, Message
 from ._protocol import SessionProtocol, State
 from ._wire import encode
@@ -108,11 +109,17 @@ class Session:
         self._connection_corrupt = False
         self._tx_whole = True  # every frame we started writing went out complete
         self._error_frame: ErrorMessage | None = None  # to send the peer when we release the stream
+        self._unreceived: Message | None = None  # handed back by `_unreceive`, returned first
 
     def __repr__(self) -> str:
         return f"<Session {self.protocol_id} with {self.peer_id}>"
 
     # -- public API ----------------------------------------------------------------------------
+    @property
+    def transport(self) -> str:
+        """"lane" when the session runs on a direct lane (see `p2p._lane`), else "libp2p"."""
+        return "lane" if isinstance(self._stream, LaneStream) else "libp2p"
+
     @property
     def failed(self) -> BaseException | None:
         """The error that ended the session, if it failed."""
@@ -128,6 +135,9 @@ class Session:
     async def receive(self) -> Message:
         """The next message. Raises `EndOfSession` after the peer's goodbye, `RemoteError` for an
         error frame, `PeerBrokenError`/`PeerFrozenError`/`RemoteProtocolError` on failure."""
+        if self._unreceived is not None:
+            msg, self._unreceived = self._unreceived, None
+            return msg
         try:
             msg = await self._queue_receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -139,6 +149,12 @@ class Session:
         if type(msg) is ErrorMessage:
             raise RemoteError(msg.code, msg.message, peer_id=self.peer_id)
         return msg
+
+    def _unreceive(self, msg: Message) -> None:
+        """Put one message back: the next `receive` returns it (the host peeks at a first
+        message to see whether the client asks for a lane)."""
+        assert self._unreceived is None
+        self._unreceived = msg
 
     def __aiter__(self) -> "Session":
         return self

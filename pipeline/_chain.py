@@ -344,7 +344,7 @@ class Chain:
             with trio.fail_after(self.config.open_timeout):
                 if not self.host.is_connected(hop.peer_id):
                     await self._connect(hop)
-            async with self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL) as session:
+            async with self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL, lane=True) as session:
                 with trio.fail_after(self.config.open_timeout):
                     await session.send(OpenSession(
                         session_id=sid, model=self.model_hash, start=hop.start, end=hop.end,

@@ -92,6 +92,20 @@ def test_no_replica_is_a_clear_error_within_the_deadline(tiny_model, tiny_refere
             assert time.monotonic() - killer.killed_at < 4.0 + 6.0
 
 
+def test_sessions_use_lanes_and_fall_back_to_libp2p_per_node(tiny_model, tiny_reference):
+    """The first node offers lanes, the second runs with --no-lanes: the chain mixes both
+    transports (client -> n1 on a lane, n1 -> n2 and client -> n2 on libp2p) and the tokens
+    are the local ones."""
+    prompt, expected = tiny_reference
+    with LocalSwarm(tiny_model, [(0, 4)]) as swarm:
+        swarm.add_node(4, 8, "--no-lanes")
+        with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.initial_peers) as model:
+            with model.inference_session(max_length=64) as session:
+                out = model.generate(prompt, max_new_tokens=24, eos_token_id=[], session=session)
+                assert [link.session.transport for link in session.chain.links] == ["lane", "libp2p"]
+    assert torch.equal(out, expected)
+
+
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_model):
     """Two nodes for the tests that kill nothing."""

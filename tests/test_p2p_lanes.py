@@ -1,0 +1,196 @@
+"""Direct lanes (p2p/_lane.py) between real hosts on loopback: a session moves to its own TCP
+connection when both ends ask for it, falls back to the libp2p stream whenever it cannot, and
+an attacker on the lane port gets nothing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+import pytest
+import torch
+import trio
+
+import p2p
+from p2p import _lane
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+PROTO = "/test/lane-echo/1"
+
+
+@p2p.message("test.lane.data")
+@dataclass(frozen=True)
+class Data(p2p.Message):
+    n: int
+    tensor: p2p.Tensor | None = None
+
+
+@pytest.fixture
+def make_host(nursery):  # type: ignore[no-untyped-def]
+    async def make(**kwargs) -> p2p.Host:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("listen_addrs", LOOPBACK)
+        kwargs.setdefault("enable_dht", False)
+        kwargs.setdefault("enable_gossip", False)
+        config = p2p.HostConfig(identity=p2p.Identity.generate(), **kwargs)
+        return await nursery.start(p2p.serve_host, config)
+
+    return make
+
+
+class Echo:
+    """A lane-capable echo handler that records the transport of every session it served."""
+
+    def __init__(self) -> None:
+        self.transports: list[str] = []
+
+    async def __call__(self, peer: object, session: p2p.Session) -> None:
+        self.transports.append(session.transport)
+        async for msg in session:
+            await session.send(msg)
+
+
+async def _pair(make_host, **server_kwargs):  # type: ignore[no-untyped-def]
+    client, server = await make_host(), await make_host(**server_kwargs)
+    await client.connect(server.addrs()[0])
+    handler = Echo()
+    server.set_session_handler(PROTO, handler, lane=True)
+    return client, server, handler
+
+
+async def _round_trips(session: p2p.Session, count: int = 5) -> None:
+    for i in range(count):
+        t = torch.randn(1, 3, 16)
+        await session.send(Data(i, p2p.Tensor.from_torch(t)))
+        reply = await session.receive()
+        assert reply.n == i and torch.equal(reply.tensor.to_torch(), t)
+
+
+async def test_session_moves_to_a_lane(make_host) -> None:
+    client, server, handler = await _pair(make_host)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "lane"
+        await _round_trips(session)
+        # a message bigger than one lane record (256 KiB) arrives whole and equal
+        big = torch.randn(3, 1000, 100)
+        await session.send(Data(99, p2p.Tensor.from_torch(big)))
+        reply = await session.receive()
+        assert reply.n == 99 and torch.equal(reply.tensor.to_torch(), big)
+    assert handler.transports == ["lane"]
+    assert not server.lanes._tickets  # the ticket was used once and is gone
+
+
+async def test_a_client_that_does_not_ask_stays_on_libp2p(make_host) -> None:
+    client, server, handler = await _pair(make_host)
+    async with client.open_session(server.peer_id, PROTO) as session:
+        assert session.transport == "libp2p"
+        await _round_trips(session)  # the first message was peeked at and handed back
+    assert handler.transports == ["libp2p"]
+
+
+async def test_a_server_without_lanes_answers_unavailable(make_host) -> None:
+    client, server, handler = await _pair(make_host, enable_lanes=False)
+    assert server.lanes is None
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "libp2p"
+        await _round_trips(session)
+    assert handler.transports == ["libp2p"]
+
+
+async def test_an_unreachable_lane_falls_back_to_libp2p(make_host, monkeypatch) -> None:
+    client, server, handler = await _pair(make_host)
+    # the invite names a port where nothing listens (a firewall or NAT in real life)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    real_invite = server.lanes.invite
+
+    def invite_to_closed_port():  # type: ignore[no-untyped-def]
+        invite, ticket = real_invite()
+        return _lane.LaneInvite(closed_port, invite.ticket, invite.key), ticket
+
+    monkeypatch.setattr(server.lanes, "invite", invite_to_closed_port)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "libp2p"
+        await _round_trips(session)
+    assert handler.transports == ["libp2p"]
+    assert not server.lanes._tickets  # the unused ticket was withdrawn
+
+
+async def _raw_lane_connection(port: int, payload: bytes) -> bytes:
+    """Connect to a lane port, send `payload`, return whatever comes back before EOF (or a
+    reset: closing with our extra bytes unread makes the kernel send one)."""
+    with trio.fail_after(_lane.LANE_HELLO_DEADLINE + 5):
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(payload)
+        received = b""
+        try:
+            while chunk := await sock.receive_some(4096):
+                received += chunk
+        except trio.BrokenResourceError:
+            pass
+        await sock.aclose()
+    return received
+
+
+async def test_the_lane_port_ignores_strangers(make_host) -> None:
+    client, server, handler = await _pair(make_host)
+    port = server.lanes.port
+    invite, _ticket = server.lanes.invite()
+    # a wrong ticket, a wrong magic, garbage: closed without a byte, the real ticket untouched
+    assert await _raw_lane_connection(port, _lane.LANE_MAGIC + os.urandom(_lane.TICKET_SIZE)) == b""
+    assert await _raw_lane_connection(port, b"GET / HTTP/1.1\r\n\r\n" + bytes(20)) == b""
+    assert invite.ticket in server.lanes._tickets
+    # the host serves on as before
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "lane"
+        await _round_trips(session)
+
+
+async def test_a_forged_record_breaks_only_that_session(make_host) -> None:
+    client, server, handler = await _pair(make_host)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as victim:
+        assert victim.transport == "lane"
+        await _round_trips(victim, 1)
+        # an attacker who can write into the TCP connection but lacks the key: a record with
+        # a valid length and a bad tag
+        forged = b"\x00" * 40
+        await victim._stream._sock.send_all(struct.pack(">I", len(forged)) + forged)
+        with pytest.raises(p2p.PeerBrokenError):
+            with trio.fail_after(10):
+                await victim.receive()  # the server dropped the lane: no goodbye
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        await _round_trips(session)
+    assert handler.transports == ["lane", "lane"]
+
+
+async def test_a_truncated_record_is_a_broken_lane_not_a_clean_end() -> None:
+    key_c, key_s = os.urandom(32), os.urandom(32)
+    left, right = socket.socketpair()
+    sender = _lane.LaneStream(trio.SocketStream(trio.socket.from_stdlib_socket(left)), key_c, key_s)
+    receiver = _lane.LaneStream(trio.SocketStream(trio.socket.from_stdlib_socket(right)), key_s, key_c)
+    sealed = sender.seal(b"hello")
+    await sender._sock.send_all(sealed)
+    assert await receiver.read() == b"hello"
+    await sender._sock.send_all(sender.seal(b"world")[:-3])  # cut mid-record, then EOF
+    await sender._sock.send_eof()
+    with pytest.raises(trio.BrokenResourceError):
+        await receiver.read()
+    await sender.reset()
+    await receiver.reset()
+
+
+async def test_lane_sessions_carry_many_concurrent_sessions(make_host) -> None:
+    client, server, handler = await _pair(make_host)
+
+    async def one() -> None:
+        async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+            assert session.transport == "lane"
+            await _round_trips(session, 10)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(one)
+    assert handler.transports == ["lane"] * 8
