@@ -87,11 +87,16 @@ class Batcher:
         self._worker = ComputeThread()
         self.stats = BatchStats()
         self._short_pass: float | None = None  # seconds the last pass of <= INLINE_TOKENS took
+        self._recent: dict[int, int] = {}  # id of a session's cache -> the last pass that served it
+        self._passes = 0
+        self._parked = False  # the loop is waiting for work, with nothing queued
 
     async def run(self, span: Span, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """Run one session's step (batched with whatever else is pending); the output
         [B, T, D]. Raises what the forward pass raised for this job."""
         job = _Job(span, hidden, start, cache)
+        if self._can_run_now(job):
+            return await self._run_now(job)
         self._queue.append(job)
         self._wakeup.set()
         try:
@@ -113,29 +118,59 @@ class Batcher:
             self._worker.stop()
 
     async def _serve(self) -> None:
-        recent: dict[int, int] = {}  # id of a session's cache -> the last pass that served it
-        passes = 0
         last_pass = 0.0  # seconds the last pass took
         while True:
             while not self._queue:
-                await self._wait_for_job()
+                self._parked = True
+                try:
+                    await self._wait_for_job()
+                finally:
+                    self._parked = False
             # Sessions served in the last RECENT_PASSES passes are probably sending their next
             # steps: give them BATCH_WINDOW to arrive, so they share this pass. Without this,
             # sessions settle into groups that alternate passes (each group's steps arrive while
             # the other group computes) and every pass runs half full. A lone session never waits.
-            recent = {k: p for k, p in recent.items() if p >= passes - RECENT_PASSES}
+            self._forget_old_sessions()
             window = min(max(BATCH_WINDOW, BATCH_WINDOW_FRACTION * last_pass), BATCH_WINDOW_MAX)
             with trio.move_on_after(window):
-                while len(self._queue) < len(recent):
+                while len(self._queue) < len(self._recent):
                     await self._wait_for_job()
             batch = self._take()
             if batch:
-                passes += 1
-                for job, _ in batch:
-                    recent[id(job.cache)] = passes
+                self._count_pass(batch)
                 began = trio.current_time()
                 await self._pass(batch)
                 last_pass = trio.current_time() - began
+
+    def _forget_old_sessions(self) -> None:
+        self._recent = {k: p for k, p in self._recent.items() if p >= self._passes - RECENT_PASSES}
+
+    def _count_pass(self, batch: list[tuple[_Job, int]]) -> None:
+        self._passes += 1
+        for job, _ in batch:
+            self._recent[id(job.cache)] = self._passes
+
+    def _can_run_now(self, job: _Job) -> bool:
+        """A lone session's short step, with the loop idle: nothing to batch it with and no
+        one to wait for, so run it in the caller's task (saves two task switches)."""
+        if not self._parked or self._queue:
+            return False
+        if job.hidden.shape[0] * job.hidden.shape[1] > INLINE_TOKENS or not self._inline_ok():
+            return False
+        self._forget_old_sessions()
+        return all(key == id(job.cache) for key in self._recent)
+
+    async def _run_now(self, job: _Job) -> torch.Tensor:
+        batch = [(job, job.hidden.shape[1])]
+        self._count_pass(batch)
+        await self._pass(batch)  # an inline pass: no other task runs until it is done
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _inline_ok(self) -> bool:
+        return self._short_pass is not None and self._short_pass <= INLINE_MAX_SECONDS
 
     async def _wait_for_job(self) -> None:
         self._wakeup = trio.Event()
@@ -166,7 +201,7 @@ class Batcher:
         tokens = sum(t * job.hidden.shape[0] for job, t in batch)
         short = tokens <= INLINE_TOKENS
         began = trio.current_time()
-        if short and self._short_pass is not None and self._short_pass <= INLINE_MAX_SECONDS:
+        if short and self._inline_ok():
             outcome = _compute(groups)
             self.stats.inline_passes += 1
         else:

@@ -415,9 +415,11 @@ class Chain:
 
     def _remember(self, boundary: int, position: int, step_id: int, hidden: torch.Tensor) -> None:
         store = self._history.setdefault(boundary, {})
-        # a rollback (position already stored) discards everything from there on
-        for pos in [p for p in store if p > position]:
-            del store[pos]
+        # a rollback (position already stored) discards everything from there on; positions
+        # are stored in increasing order, so the common case (appending) checks only the last
+        if store and next(reversed(store)) >= position:
+            for pos in [p for p in store if p >= position]:
+                del store[pos]
         store[position] = (step_id, hidden)
 
     def _wake(self) -> None:
