@@ -75,7 +75,7 @@ def sub_span(span: Span, start: int, end: int) -> Span:
 class _PushItem:
     peer: str
     session_id: str
-    step: Step
+    step: Step | None  # None: open the push stream now, ahead of the first step
     # set once the step was written to the next node (or the push failed): the copy for the
     # client waits for it, so the next node starts computing before we spend time on the echo
     sent: trio.Event = field(default_factory=trio.Event, compare=False)
@@ -154,6 +154,7 @@ class SpanServer:
             async with trio.open_nursery() as nursery:
                 sess.pusher = _Pusher(self, sess)
                 nursery.start_soon(sess.pusher.serve)
+                sess.pusher.connect_ahead()
                 try:
                     await self._session_loop(sess, stream)
                 except Exception as exc:  # re-raised bare below: the host maps RemoteError to its code
@@ -224,6 +225,7 @@ class SpanServer:
                 else:
                     sess.next_peer, sess.next_session = msg.next_peer, msg.next_session
                     sess.pusher.rewired()
+                    sess.pusher.connect_ahead()
             elif kind is CloseSession:
                 if msg.session_id == sess.session_id:
                     return
@@ -371,6 +373,7 @@ class _Pusher:
         self.sess = sess
         self._send, self._receive = trio.open_memory_channel[_PushItem](PUSH_QUEUE)
         self._last_step_id = 0
+        self._stepped = False  # a step was taken for the push stream being opened or used
         self._target_peer = ""
         # A target that failed stays failed (its pushes fail at once, without a new dial each)
         # until the client rewires the session with SetNextHop, even to the same target.
@@ -382,22 +385,39 @@ class _Pusher:
     def rewired(self) -> None:
         self._failed = None
 
+    def connect_ahead(self) -> None:
+        """Open the push stream to the session's next hop now, so the first step does not
+        wait for the dial and the lane set-up."""
+        sess = self.sess
+        if sess.next_peer is not None and sess.next_session is not None:
+            try:
+                self._send.send_nowait(_PushItem(sess.next_peer, sess.next_session, None))
+            except trio.WouldBlock:
+                pass  # steps are queued: the stream opens for them anyway
+
     async def serve(self) -> None:
         item: _PushItem | None = None
         while True:
             if item is None:
                 item = await self._receive.receive()
             if self._failed is not None and self._failed[0] == (item.peer, item.session_id):
-                await self._report(item.step.step_id, self._failed[1])
+                if item.step is not None:
+                    await self._report(item.step.step_id, self._failed[1])
                 item.sent.set()
                 item = None
                 continue
+            self._stepped = False
             try:
                 item = await self._stream_to(item)
             except (p2p.P2PError, trio.TooSlowError) as exc:
-                logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
                 if item is not None:
                     item.sent.set()
+                if not self._stepped:  # only the early open failed: the first step will retry
+                    logger.debug("session %s: opening the push stream to %s ahead failed: %r",
+                                 self.sess.session_id[:8], self._target_peer, exc)
+                    item = None
+                    continue
+                logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
                 reason = f"push to {self._target_peer} failed: {exc!r}"[:1000]
                 self._failed = ((self._target_peer, self._target_session), reason)
                 await self._report(self._last_step_id, reason)
@@ -410,7 +430,9 @@ class _Pusher:
         """Push to item's target until an item for another target comes; return that item."""
         target = (item.peer, item.session_id)
         self._target_peer, self._target_session = target
-        self._last_step_id = item.step.step_id
+        if item.step is not None:
+            self._last_step_id = item.step.step_id
+            self._stepped = True
         learn_addrs(self.server.host, item.peer, self.server.peer_addrs(item.peer))
         failure: list[BaseException] = []
         following: _PushItem | None = None
@@ -432,11 +454,13 @@ class _Pusher:
                 try:
                     await stream.send(PushOpen(item.session_id))
                     while True:
-                        self._last_step_id = item.step.step_id
-                        try:
-                            await stream.send(item.step)
-                        finally:
-                            item.sent.set()
+                        if item.step is not None:
+                            self._last_step_id = item.step.step_id
+                            self._stepped = True
+                            try:
+                                await stream.send(item.step)
+                            finally:
+                                item.sent.set()
                         item = await self._receive.receive()
                         if (item.peer, item.session_id) != target:
                             following = item

@@ -419,6 +419,8 @@ class Host:
                         lane = await self._accept_lane(session)
                     if lane is None:
                         await self._serve_session(handler, peer_id, session)
+                    else:  # reset, not goodbye: waiting for the client's goodbye delays the lane
+                        await session._abort(LocalProtocolError("the session moved to a lane"))
             if lane is not None:  # the libp2p stream is closed; the session goes on over the lane
                 async with run_session(lane, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
                     await self._serve_session(handler, peer_id, session)
@@ -464,8 +466,8 @@ class Host:
                         nonlocal declined
                         try:
                             msg = await session.receive()
-                        except (EndOfSession, RemoteError):
-                            pass  # after a lane arrived, the client's goodbye ends this stream
+                        except P2PError:
+                            pass  # after a lane arrived, the client resets this stream
                         else:
                             declined = True  # LaneDecline, or the client went on without a lane
                             if type(msg) is not LaneDecline:
@@ -604,6 +606,8 @@ class Host:
                     raise PeerTimeoutError(f"setting up a lane to {peer_id} timed out", peer_id=peer_id) from None
             if moved is None:
                 yield session
+            else:  # reset, not goodbye: the lane need not wait for a goodbye exchange
+                await session._abort(LocalProtocolError("the session moved to a lane"))
         if moved is not None:
             async with run_session(moved, peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
                 yield session

@@ -9,7 +9,9 @@ Threads: every process (the local baseline, each node, the client) runs torch wi
 `--threads` intra-op threads (default 1), so the ratio measures what the network path costs,
 not how the cores were shared; `local_2_threads` is reported beside it for reference.
 Decode rate = (new tokens - 1) / (last token time - first token time); TTFT includes opening
-the session on every node. Best of `--repeats` runs each.
+the session on every node. Best of `--repeats` runs each. The ratios compare each swarm with
+local runs made alternately with its own runs (the machine's speed drifts on a shared VM);
+`local` is the same measured once up front.
 """
 
 from __future__ import annotations
@@ -83,19 +85,29 @@ def bench_config(name: str, path: Path, args) -> dict:
     torch.set_num_threads(args.threads)
     ttft, decode, expected = run(local.generate, prompt, args.new_tokens, args.repeats)
     result["local"] = {"ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1)}
-    del local
     for n, spans in SPLITS[name].items():
         with LocalSwarm(path, spans, threads=args.threads) as swarm, \
                 DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
             run(model.generate, prompt, 4, 1)                                # warm up connections
-            ttft, decode, out = run(model.generate, prompt, args.new_tokens, args.repeats)
+            # Local and swarm runs alternate (the nodes idle during local runs), so a drift in
+            # the machine's speed (a shared VM's is large) hits both sides of the ratio alike.
+            best = {"local": (float("inf"), 0.0), "swarm": (float("inf"), 0.0)}
+            for _ in range(args.repeats):
+                for side, generate in (("local", local.generate), ("swarm", model.generate)):
+                    t, d, o = run(generate, prompt, args.new_tokens, 1)
+                    best[side] = (min(best[side][0], t), max(best[side][1], d))
+                    if side == "swarm":
+                        out = o
+        (ttft, decode), (local_ttft, local_decode) = best["swarm"], best["local"]
         result[f"swarm_{n}"] = {
             "ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1),
-            "decode_ratio_vs_local": round(decode / result["local"]["decode_tok_s"], 2),
-            "ttft_ratio_vs_local": round(ttft * 1e3 / result["local"]["ttft_ms"], 2),
-            "added_ms_per_token": round(1e3 / decode - 1e3 / result["local"]["decode_tok_s"], 2),
+            "local_alternating_decode_tok_s": round(local_decode, 1),
+            "decode_ratio_vs_local": round(decode / local_decode, 2),
+            "ttft_ratio_vs_local": round(ttft / local_ttft, 2),
+            "added_ms_per_token": round(1e3 / decode - 1e3 / local_decode, 2),
             "tokens_equal_local": bool(torch.equal(out, expected)),
         }
+    del local
     result["failover"] = failover(path, FAILOVER[name], prompt, expected, args)
     return result
 
