@@ -9,6 +9,8 @@ machine slows them alike and the ratios stay meaningful.
 * rtt_16k_us: median round trip of a 16 KiB payload echoed by the server (raw: bytes on a TCP
   socket; libp2p: bytes on an open yamux stream over Noise; lamina: a `Message` carrying a
   16 KiB float32 `Tensor` on an open `Session`, decoded and re-encoded by the server);
+* lamina_lane: the same `Session` moved to a direct lane (p2p/_lane.py: its own TCP connection,
+  ChaCha20-Poly1305 records), as inference and push sessions are;
 * throughput_mb_s: 64 MiB sent one way, acknowledged by the server once it has all of it
   (libp2p: written in 1 MiB pieces; libp2p_64k_writes: written in 65507-byte pieces, the trick
   lamina uses; lamina: one message with a 64 MiB tensor, decoded on the server). MB = 10^6 B.
@@ -162,8 +164,8 @@ async def serve_all() -> None:
         listeners = await nursery.start(partial(trio.serve_tcp, _raw_handler, 0, host="127.0.0.1"))
         bare.set_stream_handler(TProtocol(ECHO), _bare_echo)
         bare.set_stream_handler(TProtocol(SINK), _bare_sink)
-        lamina.set_session_handler(ECHO, _lamina_echo)
-        lamina.set_session_handler(SINK, _lamina_sink)
+        lamina.set_session_handler(ECHO, _lamina_echo, lane=True)
+        lamina.set_session_handler(SINK, _lamina_sink, lane=True)
         port = listeners[0].socket.getsockname()[1]
         print(json.dumps({"raw": f"127.0.0.1:{port}", "libp2p": str(bare.get_addrs()[0]), "lamina": lamina.addrs()[0]}), flush=True)
         await trio.sleep_forever()
@@ -191,7 +193,10 @@ async def run_client(addrs: dict[str, str], rounds: int, rtt_samples: int, size:
         bare_echo = await bare.new_stream(bare_peer, [TProtocol(ECHO)])
         bare_sink = await bare.new_stream(bare_peer, [TProtocol(SINK)])
         lamina_peer = await lamina.connect(addrs["lamina"])
-        async with lamina.open_session(lamina_peer, ECHO) as echo, lamina.open_session(lamina_peer, SINK) as sink:
+        async with lamina.open_session(lamina_peer, ECHO) as echo, lamina.open_session(lamina_peer, SINK) as sink, \
+                lamina.open_session(lamina_peer, ECHO, lane=True) as lane_echo, \
+                lamina.open_session(lamina_peer, SINK, lane=True) as lane_sink:
+            assert (echo.transport, lane_echo.transport, lane_sink.transport) == ("libp2p", "lane", "lane")
             payload = os.urandom(RTT_SIZE)
             small = p2p.Tensor.from_torch(torch.randn(RTT_SIZE // 4))
 
@@ -209,6 +214,11 @@ async def run_client(addrs: dict[str, str], rounds: int, rtt_samples: int, size:
                 assert reply.seq == i
                 if i == 0:
                     assert reply.data == small  # checked once, outside the timed samples
+
+            async def rtt_lane(i: int) -> None:
+                await lane_echo.send(Blob(i, small))
+                reply = await lane_echo.receive()
+                assert reply.seq == i
 
             big = bytes(size)
             big_view = memoryview(big)
@@ -234,9 +244,15 @@ async def run_client(addrs: dict[str, str], rounds: int, rtt_samples: int, size:
                 ack = await sink.receive()
                 assert ack.nbytes == size
 
-            rtts = await _interleaved({"raw_tcp": rtt_raw, "libp2p": rtt_bare, "lamina": rtt_lamina}, rtt_samples, warmup=50)
+            async def bulk_lane(i: int) -> None:
+                await lane_sink.send(Blob(i, big_tensor))
+                ack = await lane_sink.receive()
+                assert ack.nbytes == size
+
+            rtts = await _interleaved({"raw_tcp": rtt_raw, "libp2p": rtt_bare, "lamina": rtt_lamina, "lamina_lane": rtt_lane}, rtt_samples, warmup=50)
             bulk = await _interleaved(
-                {"raw_tcp": bulk_raw, "libp2p": bulk_bare, "libp2p_64k_writes": bulk_bare_64k, "lamina": bulk_lamina}, rounds, warmup=1
+                {"raw_tcp": bulk_raw, "libp2p": bulk_bare, "libp2p_64k_writes": bulk_bare_64k, "lamina": bulk_lamina,
+                 "lamina_lane": bulk_lane}, rounds, warmup=1
             )
         await bare.close()
     await raw.aclose()
@@ -295,10 +311,14 @@ def main() -> None:
             "lamina_over_libp2p_throughput": round(lam["throughput_mb_s"] / bare["throughput_mb_s"], 3),
             "libp2p_over_raw_rtt": round(bare["rtt_16k_us"] / raw["rtt_16k_us"], 2),
             "libp2p_over_raw_throughput": round(bare["throughput_mb_s"] / raw["throughput_mb_s"], 3),
+            "lane_over_libp2p_rtt": round(results["lamina_lane"]["rtt_16k_us"] / bare["rtt_16k_us"], 3),
+            "lane_over_raw_rtt": round(results["lamina_lane"]["rtt_16k_us"] / raw["rtt_16k_us"], 2),
+            "lane_over_libp2p_throughput": round(results["lamina_lane"]["throughput_mb_s"] / bare["throughput_mb_s"], 2),
         },
         "goals": {
             "framing_adds_at_most_20pct_rtt": lam["rtt_16k_us"] <= 1.2 * bare["rtt_16k_us"],
             "tensor_throughput_at_least_150_mb_s": lam["throughput_mb_s"] >= 150,
+            "lane_tensor_throughput_at_least_150_mb_s": results["lamina_lane"]["throughput_mb_s"] >= 150,
         },
     }
     print(json.dumps(out, indent=2))
