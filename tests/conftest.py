@@ -75,3 +75,18 @@ def micro_model(tmp_path_factory) -> Path:
     from pipeline.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("micro"), "micro")
+
+
+@pytest.fixture
+def make_host(nursery):  # type: ignore[no-untyped-def]
+    """Start real p2p hosts on loopback in the test's nursery; they all close when the test ends."""
+    import p2p
+
+    async def make(**kwargs) -> "p2p.Host":  # type: ignore[no-untyped-def]
+        kwargs.setdefault("listen_addrs", ["/ip4/127.0.0.1/tcp/0"])
+        kwargs.setdefault("enable_dht", False)
+        kwargs.setdefault("enable_gossip", False)
+        config = p2p.HostConfig(identity=kwargs.pop("identity", None) or p2p.Identity.generate(), **kwargs)
+        return await nursery.start(p2p.serve_host, config)
+
+    return make

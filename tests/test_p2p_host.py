@@ -28,20 +28,6 @@ class Other(p2p.Message):
     n: int
 
 
-@pytest.fixture
-def make_host(nursery):  # type: ignore[no-untyped-def]
-    """Start hosts in the test's nursery; they all close when the test ends."""
-
-    async def make(**kwargs) -> p2p.Host:  # type: ignore[no-untyped-def]
-        kwargs.setdefault("listen_addrs", LOOPBACK)
-        kwargs.setdefault("enable_dht", False)
-        kwargs.setdefault("enable_gossip", False)
-        config = p2p.HostConfig(identity=kwargs.pop("identity", None) or p2p.Identity.generate(), **kwargs)
-        return await nursery.start(p2p.serve_host, config)
-
-    return make
-
-
 async def _pair(make_host) -> tuple[p2p.Host, p2p.Host]:  # type: ignore[no-untyped-def]
     client, server = await make_host(), await make_host()
     await client.connect(server.addrs()[0])

@@ -16,7 +16,6 @@ import trio
 import p2p
 from p2p import _lane
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 PROTO = "/test/lane-echo/1"
 
 
@@ -25,18 +24,6 @@ PROTO = "/test/lane-echo/1"
 class Data(p2p.Message):
     n: int
     tensor: p2p.Tensor | None = None
-
-
-@pytest.fixture
-def make_host(nursery):  # type: ignore[no-untyped-def]
-    async def make(**kwargs) -> p2p.Host:  # type: ignore[no-untyped-def]
-        kwargs.setdefault("listen_addrs", LOOPBACK)
-        kwargs.setdefault("enable_dht", False)
-        kwargs.setdefault("enable_gossip", False)
-        config = p2p.HostConfig(identity=p2p.Identity.generate(), **kwargs)
-        return await nursery.start(p2p.serve_host, config)
-
-    return make
 
 
 class Echo:
