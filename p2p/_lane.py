@@ -35,7 +35,6 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -151,26 +150,29 @@ class LaneStream:
         if sent < len(payload):
             await self._sock.send_all(memoryview(payload)[sent:])
 
+    def _take_record(self) -> bytes | None:
+        """Decrypt and remove the first complete record in the buffer (None if there is none)."""
+        raw = self._raw
+        if len(raw) < 4:
+            return None
+        (size,) = _LENGTH.unpack_from(raw, 0)
+        if not TAG_SIZE <= size <= RECORD_MAX + TAG_SIZE:
+            raise trio.BrokenResourceError(f"lane record length {size} is out of range")
+        if len(raw) - 4 < size:
+            return None
+        try:
+            plain = self._recv.decrypt(self._nonce(self._recv_nonce), memoryview(raw)[4:4 + size], None)
+        except InvalidTag:
+            raise trio.BrokenResourceError("lane record failed authentication") from None
+        self._recv_nonce += 1
+        del raw[:4 + size]
+        return plain
+
     def _open_records(self) -> bytes:
         """Decrypt every complete record in the buffer (b"" if none is complete yet)."""
-        raw = self._raw
-        pos = 0
         plain: list[bytes] = []
-        while len(raw) - pos >= 4:
-            (size,) = _LENGTH.unpack_from(raw, pos)
-            if not TAG_SIZE <= size <= RECORD_MAX + TAG_SIZE:
-                raise trio.BrokenResourceError(f"lane record length {size} is out of range")
-            if len(raw) - pos - 4 < size:
-                break
-            start = pos + 4
-            try:
-                plain.append(self._recv.decrypt(self._nonce(self._recv_nonce), memoryview(raw)[start:start + size], None))
-            except InvalidTag:
-                raise trio.BrokenResourceError("lane record failed authentication") from None
-            self._recv_nonce += 1
-            pos = start + size
-        if pos:
-            del raw[:pos]
+        while (record := self._take_record()) is not None:
+            plain.append(record)
         return b"".join(plain)
 
     async def read(self, n: int | None = None) -> bytes:
@@ -195,24 +197,12 @@ class LaneStream:
 
     async def receive_record(self) -> bytes:
         """Exactly one record's plaintext (the acknowledgement during set-up)."""
-        while True:
-            raw = self._raw
-            if len(raw) >= 4:
-                (size,) = _LENGTH.unpack_from(raw, 0)
-                if not TAG_SIZE <= size <= RECORD_MAX + TAG_SIZE:
-                    raise trio.BrokenResourceError(f"lane record length {size} is out of range")
-                if len(raw) >= 4 + size:
-                    try:
-                        plain = self._recv.decrypt(self._nonce(self._recv_nonce), bytes(raw[4:4 + size]), None)
-                    except InvalidTag:
-                        raise trio.BrokenResourceError("lane record failed authentication") from None
-                    self._recv_nonce += 1
-                    del raw[:4 + size]
-                    return plain
+        while (record := self._take_record()) is None:
             data = await self._sock.receive_some(_RECV_SIZE)
             if not data:
                 raise trio.BrokenResourceError("lane closed before its first record")
             self._raw += data
+        return record
 
     async def close(self) -> None:
         """Send FIN, give the peer a moment to finish (so our last bytes are read, not
@@ -347,7 +337,7 @@ async def connect_lane(ip: str, invite: LaneInvite) -> LaneStream:
             raise
 
 
-def lane_ip(stream: object, is_relayed: Callable[[object], bool] | None = None) -> str | None:
+def lane_ip(stream: object) -> str | None:
     """The IP to dial a lane at: the remote IP of the direct TCP connection under a libp2p
     stream (None when it cannot be told, e.g. a relayed connection)."""
     muxed = getattr(stream, "muxed_conn", None)
