@@ -106,6 +106,7 @@ class LaneStream:
         self._send_nonce = 0
         self._recv_nonce = 0
         self._raw = bytearray()  # received ciphertext not yet decrypted
+        self._tail: bytes | memoryview = b""  # sealed bytes the socket has not taken yet
         self._eof = False
         self._closed = False
 
@@ -133,13 +134,13 @@ class LaneStream:
             out.append(sealed)
         return b"".join(out)
 
-    async def write(self, data: bytes | memoryview) -> None:
-        """Send `data`. When the socket takes it all at once (the usual case for a step's few
-        KB) this costs one syscall and no trip through the scheduler; otherwise the rest goes
-        through trio, which waits for the socket to drain."""
+    def write_nowait(self, data: bytes | memoryview) -> bool:
+        """Seal `data` and write what the socket takes at once (one syscall, no scheduler trip);
+        True when all of it went out, else the rest waits here for `flush`. Call it only when
+        nothing is pending."""
         if self._closed:
             raise trio.ClosedResourceError("lane is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        assert not self._tail, "flush the pending bytes first"
         payload = self.seal(data)
         try:
             sent = os.write(self._fd, payload)
@@ -148,7 +149,36 @@ class LaneStream:
         except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
             raise trio.BrokenResourceError(f"lane write failed: {exc!r}") from exc
         if sent < len(payload):
-            await self._sock.send_all(memoryview(payload)[sent:])
+            self._tail = memoryview(payload)[sent:]
+            return False
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of a record are waiting for `flush` (the socket was full)."""
+        return bool(self._tail)
+
+    async def flush(self) -> None:
+        """Send the pending bytes, waiting for the socket to drain."""
+        if self._tail:
+            await self._sock.send_all(self._tail)
+            self._tail = b""
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Send `data`. When the socket takes it all at once (the usual case for a step's few
+        KB) this costs one syscall and no trip through the scheduler; otherwise the rest goes
+        through trio, which waits for the socket to drain."""
+        if self._closed:
+            raise trio.ClosedResourceError("lane is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self.flush()
+        if not self.write_nowait(data):
+            await self.flush()
+
+    def interrupt_read(self) -> None:
+        """Wake a task blocked in `read` with `trio.ClosedResourceError` (the session failed
+        and is about to release the lane)."""
+        trio.lowlevel.notify_closing(self._sock.socket)
 
     def _take_record(self) -> bytes | None:
         """Decrypt and remove the first complete record in the buffer (None if there is none)."""
@@ -179,6 +209,21 @@ class LaneStream:
         """At least one byte of plaintext (everything decrypted so far, up to the records that
         are complete), or b"" at a clean end. `n` is ignored beyond being a hint: callers here
         parse their own frames."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        plain = self.read_nowait()
+        if plain is not None:
+            # it was there already: let other tasks run (a reader of a fast peer must not
+            # hold the event loop for a whole transfer)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return plain
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)  # the wait is the checkpoint
+            plain = self.read_nowait()
+            if plain is not None:
+                return plain
+
+    def read_nowait(self) -> bytes | None:
+        """`read` without waiting: None when no complete record is there yet."""
         if self._closed:
             raise trio.ClosedResourceError("lane is closed")
         while True:
@@ -189,7 +234,12 @@ class LaneStream:
                 if self._raw:
                     raise trio.BrokenResourceError("lane ended in the middle of a record")
                 return b""
-            data = await self._sock.receive_some(_RECV_SIZE)
+            try:
+                data = os.read(self._fd, _RECV_SIZE)
+            except BlockingIOError:
+                return None
+            except OSError as exc:  # ECONNRESET: the peer is gone
+                raise trio.BrokenResourceError(f"lane read failed: {exc!r}") from exc
             if not data:
                 self._eof = True
             else:

@@ -3,7 +3,10 @@
 Each session owns three small tasks:
 
 * a reader that reads the stream, feeds the sans-IO protocol and queues decoded messages
-  (a bounded queue: a slow consumer slows the peer down instead of growing memory);
+  (a bounded queue: a slow consumer slows the peer down instead of growing memory). On a
+  direct lane (`_lane.LaneStream`) there is no reader task: `receive` reads the socket itself,
+  so a message costs no task switch between the read and its consumer (the lane's TCP buffer
+  is the bounded queue). A failure found by the watchdog wakes that read;
 * a heartbeat sender that writes a `Heartbeat` whenever we have been quiet for
   `HEARTBEAT_INTERVAL`;
 * a watchdog that declares the peer frozen (`PeerFrozenError`) when the reader has been waiting
@@ -19,6 +22,7 @@ never delivered.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -110,6 +114,12 @@ class Session:
         self._tx_whole = True  # every frame we started writing went out complete
         self._error_frame: ErrorMessage | None = None  # to send the peer when we release the stream
         self._unreceived: Message | None = None  # handed back by `_unreceive`, returned first
+        # direct reads (lanes): `receive` reads the stream itself; decoded messages wait here
+        self._direct = isinstance(stream, LaneStream)
+        self._pending: deque[Message] = deque()
+        self._receiving = False  # a task is in `_read_message`
+        self._receive_done: trio.Event | None = None  # for tasks waiting their turn to read
+        self._rx_ended = False  # the peer's goodbye (or the end of its bytes) was read
 
     def __repr__(self) -> str:
         return f"<Session {self.protocol_id} with {self.peer_id}>"
@@ -130,6 +140,20 @@ class Session:
         `PeerFrozenError`/`PeerTimeoutError`, or the error that already ended the session."""
         self._raise_if_unusable()
         buffers = self._proto.send(msg)
+        if self._direct and not self._write_lock.locked() and not self._stream.pending:
+            # a lane takes a small frame in one syscall: no lock, no shield, no task switch
+            # (nothing else can write meanwhile: there is no await until it is out)
+            if sum(len(b) for b in buffers) <= COALESCE_LIMIT:
+                data = b"".join(buffers) if len(buffers) > 1 else buffers[0]
+                try:
+                    if self._stream.write_nowait(data):
+                        self._last_tx = trio.current_time()
+                        return
+                except _STREAM_ERRORS as exc:
+                    self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
+                    raise self._error from exc  # type: ignore[misc]
+                self._tx_whole = False  # the rest of the frame waits in the lane: flush it
+                buffers = []
         await self._write(buffers)
 
     async def receive(self) -> Message:
@@ -137,18 +161,49 @@ class Session:
         error frame, `PeerBrokenError`/`PeerFrozenError`/`RemoteProtocolError` on failure."""
         if self._unreceived is not None:
             msg, self._unreceived = self._unreceived, None
-            return msg
-        try:
-            msg = await self._queue_receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            if self._error is not None:
-                raise self._error
-            if self._closed:
-                raise LocalProtocolError("session is closed") from None
-            raise EndOfSession(f"{self.peer_id} ended the session") from None
+        elif self._direct:
+            msg = self._pending.popleft() if self._pending else await self._read_message()
+        else:
+            try:
+                msg = await self._queue_receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    raise LocalProtocolError("session is closed") from None
+                raise EndOfSession(f"{self.peer_id} ended the session") from None
         if type(msg) is ErrorMessage:
             raise RemoteError(msg.code, msg.message, peer_id=self.peer_id)
         return msg
+
+    async def _read_message(self) -> Message:
+        """Direct mode: read the stream until a message is complete (one receiver at a time)."""
+        while self._receiving:  # another task is reading: wait for it to finish
+            if self._receive_done is None:
+                self._receive_done = trio.Event()
+            await self._receive_done.wait()
+            if self._pending:
+                return self._pending.popleft()
+        self._receiving = True
+        try:
+            pending = self._pending
+            while not pending:
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    raise LocalProtocolError("session is closed")
+                if self._rx_ended:
+                    raise EndOfSession(f"{self.peer_id} ended the session")
+                data = await self._read_chunk()
+                if data is not None:
+                    pending.extend(self._take_in(data))
+                    self._after_take_in()
+            return pending.popleft()
+        finally:
+            self._receiving = False
+            if self._receive_done is not None:
+                self._receive_done.set()
+                self._receive_done = None
 
     def _unreceive(self, msg: Message) -> None:
         """Put one message back: the next `receive` returns it (the host peeks at a first
@@ -176,7 +231,8 @@ class Session:
         """Run the reader, heartbeat sender and watchdog until the session ends."""
         with self._background:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader)
+                if not self._direct:
+                    nursery.start_soon(self._reader)
                 nursery.start_soon(self._heartbeats)
                 nursery.start_soon(self._watchdog)
                 task_status.started()
@@ -192,6 +248,8 @@ class Session:
             scope.cancel()
         if abort_write and self._in_flight is not None:
             self._in_flight.cancel()
+        if self._direct and self._reader_waiting:
+            self._stream.interrupt_read()  # `_read_chunk` wakes and the receiver sees the error
         self._background.cancel()
 
     def _raise_if_unusable(self) -> None:
@@ -211,7 +269,8 @@ class Session:
                     await self._write(self._proto.goodbye())
             except (P2PError, trio.TooSlowError):
                 pass
-        if self._error is None and self._proto.their_state is State.OPEN:
+        if self._error is None and self._proto.their_state is State.OPEN and not self._direct:
+            # (a lane drains to the peer's end of stream itself when it closes)
             # From now on the reader drops messages; draining releases it if it is blocked on
             # a full queue. Then give the peer a moment to say goodbye too.
             self._drain_queue()
@@ -303,6 +362,14 @@ class Session:
         self._tx_whole = False
         try:
             self._write_progress_at = trio.current_time()
+            if self._direct and self._stream.pending:  # the rest of a frame `send` began
+                with trio.CancelScope(shield=True) as flight:
+                    self._in_flight = flight
+                    await self._stream.flush()
+                self._in_flight = None
+                if flight.cancelled_caught:
+                    self._connection_corrupt = True
+                    raise self._error or PeerTimeoutError("write aborted", peer_id=self.peer_id)
             for i, chunk in enumerate(_chunks(buffers)):
                 if i:
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -327,58 +394,103 @@ class Session:
                 self._fail(LocalProtocolError("a send was cancelled mid-frame; the session is unusable"))
         self._last_tx = trio.current_time()
 
+    async def _read_chunk(self) -> bytes | None:
+        """One read of the stream (b"" at its end), watched by the watchdog; None when it
+        failed (the failure is recorded)."""
+        self._alive_at = trio.current_time()
+        self._reader_waiting = True
+        try:
+            data = await self._stream.read(READ_SIZE)
+        except EOFError:  # libp2p's StreamEOF: clean FIN or connection gone alike
+            data = b""
+        except _STREAM_ERRORS as exc:
+            if self._error is None:
+                self._fail(PeerBrokenError(f"stream from {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+            return None
+        finally:
+            self._reader_waiting = False
+        self._alive_at = trio.current_time()
+        return data
+
+    def _take_in(self, data: bytes) -> list[Message]:
+        """The messages `data` completes, up to the peer's goodbye. Sets `_rx_ended` when the
+        peer is done sending (goodbye, end of stream, invalid bytes). A failure with no message
+        before it fails the session here; invalid bytes after messages fail it in
+        `_after_take_in`, which the caller runs once those messages are queued."""
+        if not data:
+            self._rx_ended = True
+            try:
+                self._proto.receive_eof()
+            except PeerBrokenError as exc:
+                exc.peer_id = self.peer_id
+                # a crashed peer will not read this; a half-closing one learns why
+                self._report_protocol_error(exc)
+            return []
+        try:
+            messages = self._proto.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._rx_ended = True
+            self._report_protocol_error(exc)
+            return []
+        if self._proto.error is not None:  # invalid bytes after these messages: they go first
+            self._rx_ended = True
+        if self._proto.their_state is State.DONE:
+            self._rx_ended = True
+            if messages and type(messages[-1]) is Goodbye:
+                messages.pop()
+        return messages
+
+    def _after_take_in(self) -> None:
+        if self._proto.error is not None and self._error is None:
+            self._report_protocol_error(self._proto.error)
+
     async def _reader(self) -> None:
         try:
-            while True:
-                self._alive_at = trio.current_time()
-                self._reader_waiting = True
-                try:
-                    data = await self._stream.read(READ_SIZE)
-                except EOFError:  # libp2p's StreamEOF: clean FIN or connection gone alike
-                    data = b""
-                except _STREAM_ERRORS as exc:
-                    self._fail(PeerBrokenError(f"stream from {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+            while not self._rx_ended:
+                data = await self._read_chunk()
+                if data is None:
                     return
-                finally:
-                    self._reader_waiting = False
-                self._alive_at = trio.current_time()
-                if not data:
+                for msg in self._take_in(data):
+                    if self._closing:
+                        continue
                     try:
-                        self._proto.receive_eof()
-                    except PeerBrokenError as exc:
-                        exc.peer_id = self.peer_id
-                        # a crashed peer will not read this; a half-closing one learns why
-                        await self._report_protocol_error(exc)
-                    return
-                try:
-                    messages = self._proto.receive_data(data)
-                except RemoteProtocolError as exc:
-                    await self._report_protocol_error(exc)
-                    return
-                for msg in messages:
-                    if type(msg) is Goodbye:
-                        break
-                    if not self._closing:
+                        self._queue_send.send_nowait(msg)  # no yield: we block in read next
+                    except trio.WouldBlock:
                         try:
-                            self._queue_send.send_nowait(msg)  # no yield: we block in read next
-                        except trio.WouldBlock:
-                            try:
-                                await self._queue_send.send(msg)  # backpressure: the app is behind
-                            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                                return
+                            await self._queue_send.send(msg)  # backpressure: the app is behind
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             return
-                if self._proto.error is not None:  # invalid bytes after the messages above
-                    await self._report_protocol_error(self._proto.error)
-                    return
-                if self._proto.their_state is State.DONE:
-                    self._queue_send.close()
-                    return
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                self._after_take_in()
+            self._queue_send.close()  # the peer is done: receivers drain the queue, then see why
         finally:
             self._reader_waiting = False
             self._reader_done.set()
 
-    async def _report_protocol_error(self, exc: P2PError) -> None:
+    def _poll(self) -> bool:
+        """Direct mode, while no task receives: take in what the peer sent meanwhile, so its
+        heartbeats keep it alive and its end or failure shows at once. True when the session
+        counts as waiting for the peer (not when the app has a full queue of unread messages,
+        like a reader blocked on backpressure)."""
+        if self._receiving or self._rx_ended or self._error is not None:
+            return False
+        while len(self._pending) < SESSION_RECEIVE_QUEUE:
+            try:
+                data = self._stream.read_nowait()
+            except _STREAM_ERRORS as exc:
+                self._fail(PeerBrokenError(f"stream from {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+                return False
+            if data is None:
+                return True
+            self._alive_at = trio.current_time()
+            self._pending.extend(self._take_in(data))
+            self._after_take_in()
+            if self._rx_ended:
+                return False
+        return False
+
+    def _report_protocol_error(self, exc: P2PError) -> None:
         """Fail, and have the peer told what was wrong with its bytes when the stream is
         released (`_release_stream` writes the error frame, in order after any frame in flight)."""
         logger.debug("protocol error from %s on %s: %s", self.peer_id, self.protocol_id, exc)
@@ -415,7 +527,8 @@ class Session:
                 if self._write_progress_at is not None:
                     self._write_progress_at = max(self._write_progress_at, now)
                 continue
-            if self._reader_waiting and now - self._alive_at > HEARTBEAT_TIMEOUT:
+            waiting = self._reader_waiting or (self._direct and self._poll())
+            if waiting and now - self._alive_at > HEARTBEAT_TIMEOUT:
                 silent = now - self._alive_at
                 self._fail(PeerFrozenError(f"{self.peer_id} sent nothing for {silent:.1f}s (no heartbeats)", peer_id=self.peer_id), abort_write=True)
                 return

@@ -47,10 +47,14 @@ def _torch_dtype(name: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
+_WIRE_NAMES: dict[Any, str] = {}  # torch dtype -> wire name, filled as dtypes are met
+
+
 def _wire_dtype(dtype: "torch.dtype") -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_SIZES:
         raise LocalProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(DTYPE_SIZES)}")
+    _WIRE_NAMES[dtype] = name
     return name
 
 
@@ -124,15 +128,17 @@ class Tensor:
         the tensor until the message carrying it has been sent."""
         import torch
 
-        dtype = _wire_dtype(tensor.dtype)
-        t = tensor.detach()
+        name = _WIRE_NAMES.get(tensor.dtype) or _wire_dtype(tensor.dtype)
+        t = tensor.detach() if tensor.requires_grad else tensor
         if t.device.type != "cpu":
             t = t.cpu()
-        t = t.contiguous()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        shape = tuple(t.shape)
         if t.numel() == 0:
-            return cls(dtype, tuple(t.shape), memoryview(b""))
-        raw = t.reshape(-1).view(torch.uint8)
-        return cls(dtype, tuple(t.shape), memoryview(raw.numpy()))
+            return cls._trusted(name, shape, memoryview(b""))
+        # everything checked by construction: dtype known, shape from torch, bytes exact
+        return cls._trusted(name, shape, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
     def to_torch(self) -> "torch.Tensor":
         """A torch tensor over the same bytes when they are writable (the receive path), else a

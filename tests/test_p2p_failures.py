@@ -1,4 +1,5 @@
-"""Failures of real peer processes: SIGKILL mid-transfer, SIGSTOP (frozen), in both directions.
+"""Failures of real peer processes: SIGKILL mid-transfer, SIGSTOP (frozen), in both directions,
+on libp2p streams and on direct lanes (where `receive` reads the socket itself).
 
 The peer is this file run as a script (``python tests/test_p2p_failures.py ROLE``): it starts a
 host, prints its address on stdout, and serves. The test waits for that line, never a sleep.
@@ -61,9 +62,9 @@ async def _serve_peer() -> None:
 
     config = p2p.HostConfig(identity=p2p.Identity.generate(), listen_addrs=["/ip4/127.0.0.1/tcp/0"], enable_dht=False, enable_gossip=False)
     async with p2p.open_host(config) as host:
-        host.set_session_handler("/test/stream-to-client/1", stream_to_client)
-        host.set_session_handler("/test/sink/1", sink)
-        host.set_session_handler("/test/echo/1", echo)
+        host.set_session_handler("/test/stream-to-client/1", stream_to_client, lane=True)
+        host.set_session_handler("/test/sink/1", sink, lane=True)
+        host.set_session_handler("/test/echo/1", echo, lane=True)
         host.set_unary_handler("/test/slow/1", slow_unary)
         print(host.addrs()[0], flush=True)
         await trio.sleep_forever()
@@ -111,6 +112,11 @@ async def host(nursery) -> p2p.Host:  # type: ignore[no-untyped-def]
     return await nursery.start(p2p.serve_host, config)
 
 
+@pytest.fixture(params=["libp2p", "lane"])
+def transport(request) -> str:  # type: ignore[no-untyped-def]
+    return request.param
+
+
 async def _until(predicate, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(seconds):
         while not predicate():
@@ -118,29 +124,42 @@ async def _until(predicate, seconds: float = 10) -> None:  # type: ignore[no-unt
 
 
 # --- SIGKILL -----------------------------------------------------------------------------------------
-async def test_sigkill_mid_transfer_is_peer_broken_never_a_truncated_message(host: p2p.Host) -> None:
+async def test_sigkill_mid_transfer_is_peer_broken_never_a_truncated_message(host: p2p.Host, transport: str) -> None:
     async with peer_process() as (peer, addr):
         peer_id = await host.connect(addr)
-        async with host.open_session(peer_id, "/test/stream-to-client/1") as session:
-            await session.send(Ask(BIG))
-            assert await peer.readline() == "sending"
-            await _until(lambda: session._proto.in_frame)  # bytes of the frame are arriving
-            peer.signal(signal.SIGKILL)
-            killed_at = trio.current_time()
-            with pytest.raises(p2p.PeerBrokenError) as info:
+        async with host.open_session(peer_id, "/test/stream-to-client/1", lane=transport == "lane") as session:
+            assert session.transport == transport
+            outcome: list[BaseException | p2p.Message] = []
+
+            async def receive() -> None:
+                try:
+                    outcome.append(await session.receive())
+                except p2p.P2PError as exc:
+                    outcome.append(exc)
+
+            killed_at = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await session.send(Ask(BIG))
+                assert await peer.readline() == "sending"
+                await _until(lambda: session._proto.in_frame)  # bytes of the frame are arriving
+                peer.signal(signal.SIGKILL)
+                killed_at = trio.current_time()
                 with trio.fail_after(5):
-                    msg = await session.receive()
-                    raise AssertionError(f"a cut-off message was delivered: {msg!r}")
+                    await _until(lambda: bool(outcome))
             assert trio.current_time() - killed_at < 2
-            assert "mid-frame" in str(info.value) or "broke" in str(info.value)
+            error = outcome[0]
+            assert isinstance(error, p2p.PeerBrokenError), f"a cut-off message was delivered: {error!r}"
+            assert "mid-frame" in str(error) or "broke" in str(error)
             with pytest.raises(p2p.PeerBrokenError):  # and it stays broken
                 await session.receive()
 
 
-async def test_sigkill_while_we_send_raises_peer_broken(host: p2p.Host) -> None:
+async def test_sigkill_while_we_send_raises_peer_broken(host: p2p.Host, transport: str) -> None:
     async with peer_process() as (peer, addr):
         peer_id = await host.connect(addr)
-        async with host.open_session(peer_id, "/test/sink/1") as session:
+        async with host.open_session(peer_id, "/test/sink/1", lane=transport == "lane") as session:
+            assert session.transport == transport
             await session.send(_blob(1024))
             assert await peer.readline() == "received"
             with pytest.raises(ExceptionGroup) as info:
@@ -165,10 +184,11 @@ async def test_sigkill_during_a_request_raises_peer_broken(host: p2p.Host) -> No
 
 
 # --- SIGSTOP -----------------------------------------------------------------------------------------
-async def test_sigstopped_peer_is_detected_within_3s_while_we_wait(host: p2p.Host) -> None:
+async def test_sigstopped_peer_is_detected_within_3s_while_we_wait(host: p2p.Host, transport: str) -> None:
     async with peer_process() as (peer, addr):
         peer_id = await host.connect(addr)
-        async with host.open_session(peer_id, "/test/echo/1") as session:
+        async with host.open_session(peer_id, "/test/echo/1", lane=transport == "lane") as session:
+            assert session.transport == transport
             await session.send(Ask(1))
             assert await session.receive() == Ask(1)
             peer.signal(signal.SIGSTOP)
@@ -180,10 +200,11 @@ async def test_sigstopped_peer_is_detected_within_3s_while_we_wait(host: p2p.Hos
             assert trio.current_time() - stopped_at < 3.0
 
 
-async def test_sigstopped_peer_is_detected_within_3s_while_we_send(host: p2p.Host) -> None:
+async def test_sigstopped_peer_is_detected_within_3s_while_we_send(host: p2p.Host, transport: str) -> None:
     async with peer_process() as (peer, addr):
         peer_id = await host.connect(addr)
-        async with host.open_session(peer_id, "/test/sink/1") as session:
+        async with host.open_session(peer_id, "/test/sink/1", lane=transport == "lane") as session:
+            assert session.transport == transport
             await session.send(_blob(1024))
             assert await peer.readline() == "received"
             peer.signal(signal.SIGSTOP)

@@ -181,3 +181,70 @@ async def test_lane_sessions_carry_many_concurrent_sessions(make_host) -> None:
         for _ in range(8):
             nursery.start_soon(one)
     assert handler.transports == ["lane"] * 8
+
+
+# -- direct reads: on a lane, `receive` reads the socket itself (no reader task) ---------------
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "libp2p"])
+async def test_messages_before_invalid_bytes_arrive_then_the_error(make_host, lane: bool) -> None:
+    client, server = await make_host(), await make_host()
+    await client.connect(server.addrs()[0])
+
+    async def valid_then_garbage(peer: object, session: p2p.Session) -> None:
+        await session.receive()
+        # one write: a whole valid frame, then bytes that are no frame (a 4 GB length prefix)
+        await session._stream.write(b"".join(p2p._wire.encode(Data(7))) + b"\xff" * 16)
+        await trio.sleep_forever()
+
+    server.set_session_handler(PROTO, valid_then_garbage, lane=True)
+    async with client.open_session(server.peer_id, PROTO, lane=lane) as session:
+        assert session.transport == ("lane" if lane else "libp2p")
+        await session.send(Data(1))
+        with trio.fail_after(10):
+            assert await session.receive() == Data(7)
+            with pytest.raises(p2p.RemoteProtocolError):
+                await session.receive()
+
+
+async def test_a_lane_takes_in_messages_and_the_goodbye_while_nobody_receives(make_host) -> None:
+    client, server = await make_host(), await make_host()
+    await client.connect(server.addrs()[0])
+
+    async def two_then_goodbye(peer: object, session: p2p.Session) -> None:
+        await session.receive()
+        await session.send(Data(1))
+        await session.send(Data(2))
+
+    server.set_session_handler(PROTO, two_then_goodbye, lane=True)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "lane"
+        await session.send(Data(0))
+        with trio.fail_after(10):  # the watchdog's poll takes them in: no receive call
+            while not session._rx_ended:
+                await trio.sleep(0.01)
+        assert session.failed is None
+        assert [await session.receive(), await session.receive()] == [Data(1), Data(2)]
+        with pytest.raises(p2p.EndOfSession):
+            await session.receive()
+
+
+async def test_a_lane_notices_a_reset_while_nobody_receives(make_host) -> None:
+    client, server = await make_host(), await make_host()
+    await client.connect(server.addrs()[0])
+
+    async def reset(peer: object, session: p2p.Session) -> None:
+        await session.receive()
+        await session._stream.reset()
+        await trio.sleep_forever()
+
+    server.set_session_handler(PROTO, reset, lane=True)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "lane"
+        await session.send(Data(0))
+        with trio.fail_after(10):
+            while session.failed is None:
+                await trio.sleep(0.01)
+        assert isinstance(session.failed, p2p.PeerBrokenError)
+        with pytest.raises(p2p.PeerBrokenError):
+            await session.receive()
+        with pytest.raises(p2p.PeerBrokenError):
+            await session.send(Data(1))
