@@ -94,9 +94,10 @@ class Batcher:
     async def run(self, span: Span, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """Run one session's step (batched with whatever else is pending); the output
         [B, T, D]. Raises what the forward pass raised for this job."""
+        if self._parked and not self._queue and hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS \
+                and self._inline_ok() and self._alone(cache):
+            return self._run_inline(span, hidden, start, cache)
         job = _Job(span, hidden, start, cache)
-        if self._can_run_now(job):
-            return await self._run_now(job)
         self._queue.append(job)
         self._wakeup.set()
         try:
@@ -150,24 +151,35 @@ class Batcher:
         for job, _ in batch:
             self._recent[id(job.cache)] = self._passes
 
-    def _can_run_now(self, job: _Job) -> bool:
-        """A lone session's short step, with the loop idle: nothing to batch it with and no
-        one to wait for, so run it in the caller's task (saves two task switches)."""
-        if not self._parked or self._queue:
-            return False
-        if job.hidden.shape[0] * job.hidden.shape[1] > INLINE_TOKENS or not self._inline_ok():
-            return False
-        self._forget_old_sessions()
-        return all(key == id(job.cache) for key in self._recent)
+    def _alone(self, cache: KVCache) -> bool:
+        """No other session stepped in the last RECENT_PASSES passes (none to wait for)."""
+        key = id(cache)
+        if len(self._recent) > 1 or (self._recent and key not in self._recent):
+            self._forget_old_sessions()
+        return all(k == key for k in self._recent)
 
-    async def _run_now(self, job: _Job) -> torch.Tensor:
-        batch = [(job, job.hidden.shape[1])]
-        self._count_pass(batch)
-        await self._pass(batch)  # an inline pass: no other task runs until it is done
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+    def _run_inline(self, span: Span, hidden: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """A lone session's short step with the loop idle: nothing to batch it with and no one
+        to wait for, so it runs right here, in the caller's task, on the event loop's thread.
+        No other task runs until it is done, and none before the caller has sent the result on
+        (it then waits for its next message, which lets the others run). Raises what the pass
+        raised."""
+        self._passes += 1
+        self._recent[id(cache)] = self._passes
+        began = trio.current_time()
+        try:
+            out = span.forward_segments([Segment(hidden, start, cache)])[0]
+        finally:
+            took = trio.current_time() - began
+            self._short_pass = took
+            stats = self.stats
+            stats.compute_seconds += took
+            stats.passes += 1
+            stats.inline_passes += 1
+            stats.segments += 1
+            stats.max_segments = max(stats.max_segments, 1)
+        stats.tokens += hidden.shape[0] * hidden.shape[1]
+        return out
 
     def _inline_ok(self) -> bool:
         return self._short_pass is not None and self._short_pass <= INLINE_MAX_SECONDS

@@ -155,8 +155,14 @@ class SpanServer:
                 sess.pusher = _Pusher(self, sess)
                 nursery.start_soon(sess.pusher.serve)
                 sess.pusher.connect_ahead()
+                idle = trio.CancelScope()
+                nursery.start_soon(self._watch_idle, sess, idle)
                 try:
-                    await self._session_loop(sess, stream)
+                    with idle:
+                        await self._session_loop(sess, stream)
+                    if idle.cancelled_caught:
+                        ended = p2p.RemoteError(IDLE_TIMEOUT, f"session {sess.session_id} was idle "
+                                                              f"for {self.idle_timeout}s")
                 except Exception as exc:  # re-raised bare below: the host maps RemoteError to its code
                     ended = exc
                 nursery.cancel_scope.cancel()
@@ -202,17 +208,24 @@ class SpanServer:
         logger.info("session %s closed (%d open, %d cache tokens free)", sess.session_id[:8],
                     len(self.sessions), self.budget.free_tokens)
 
+    async def _watch_idle(self, sess: ServedSession, loop: trio.CancelScope) -> None:
+        """Cancel `loop` (the session loop) once neither the client nor an upstream node has
+        sent the session anything for `idle_timeout`. A step in progress is activity. (One
+        timer per session instead of a deadline on every receive: that costs a cancel scope
+        per message.)"""
+        while True:
+            await trio.sleep_until(sess.last_active + self.idle_timeout)
+            if sess.lock.locked():
+                await trio.sleep(self.idle_timeout)
+            elif trio.current_time() >= sess.last_active + self.idle_timeout:
+                loop.cancel()
+                return
+
     async def _session_loop(self, sess: ServedSession, stream: p2p.Session) -> None:
         while True:
-            with trio.move_on_at(sess.last_active + self.idle_timeout) as idle:
-                msg = await _next_message(stream, f"session {sess.session_id[:8]}: client stream")
-                if msg is None:
-                    return
-            if idle.cancelled_caught:
-                if trio.current_time() >= sess.last_active + self.idle_timeout:
-                    raise p2p.RemoteError(IDLE_TIMEOUT,
-                                          f"session {sess.session_id} was idle for {self.idle_timeout}s")
-                continue  # a pushed step kept it alive
+            msg = await _next_message(stream, f"session {sess.session_id[:8]}: client stream")
+            if msg is None:
+                return
             sess.last_active = trio.current_time()
             kind = type(msg)
             if kind is Step:
@@ -236,7 +249,11 @@ class SpanServer:
     # -- steps -------------------------------------------------------------------------------
     async def run_step(self, sess: ServedSession, step: Step) -> None:
         """Run one step (from the client or pushed from upstream) and deliver its result."""
-        async with sess.lock:
+        try:
+            sess.lock.acquire_nowait()  # uncontended (the usual case): no scheduler round trip
+        except trio.WouldBlock:
+            await sess.lock.acquire()
+        try:
             if sess.closed:
                 return
             sess.last_active = trio.current_time()
@@ -252,6 +269,8 @@ class SpanServer:
                 return
             sess.last_step_id = step.step_id
             await self._deliver(sess, step.step_id, step.position, out, step.push)
+        finally:
+            sess.lock.release()
 
     async def run_replay(self, sess: ServedSession, replay: Replay) -> None:
         """Run the replay's chunks one after another as separate steps, echoing each."""
@@ -278,7 +297,7 @@ class SpanServer:
                 position += t
 
     async def _compute(self, sess: ServedSession, hidden: p2p.Tensor, position: int) -> p2p.Tensor:
-        x = to_compute(hidden, sess.span)
+        x = to_compute(hidden, sess)
         try:
             out = await self.batcher.run(sess.span, x, position, sess.cache)
         except LaminaError as exc:  # the engine's own checks (should not happen after ours)
@@ -290,12 +309,14 @@ class SpanServer:
 
     async def _deliver(self, sess: ServedSession, step_id: int, position: int, out: p2p.Tensor,
                        push: bool) -> None:
-        if push and sess.next_peer is not None and sess.next_session is not None:
-            step = Step(sess.next_session, step_id, position, out, push=True)
-            item = _PushItem(sess.next_peer, sess.next_session, step)
-            await sess.pusher.enqueue(item)
-            with trio.move_on_after(PUSH_FIRST_WAIT):
-                await item.sent.wait()
+        peer, session_id = sess.next_peer, sess.next_session
+        if push and peer is not None and session_id is not None:
+            step = Step(session_id, step_id, position, out, push=True)
+            if not await sess.pusher.send_now(peer, step):
+                item = _PushItem(peer, session_id, step)
+                await sess.pusher.enqueue(item)
+                with trio.move_on_after(PUSH_FIRST_WAIT):
+                    await item.sent.wait()
         await self.to_client(sess, StepResult(sess.session_id, step_id, position, out))
         sess.last_active = trio.current_time()  # a long step is activity, not idleness
 
@@ -366,7 +387,11 @@ async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | No
 
 class _Pusher:
     """Forwards one session's results to its next hop, in order, over one push stream per
-    target; a failure becomes a PushFailed to the client, never the end of the session."""
+    target; a failure becomes a PushFailed to the client, never the end of the session.
+
+    The pusher's task opens the streams and sends what is queued. While its stream is open and
+    nothing is queued, a step goes out from the step's own task instead (`send_now`): that
+    saves two task switches per step, with the order unchanged."""
 
     def __init__(self, server: SpanServer, sess: ServedSession) -> None:
         self.server = server
@@ -378,9 +403,28 @@ class _Pusher:
         # A target that failed stays failed (its pushes fail at once, without a new dial each)
         # until the client rewires the session with SetNextHop, even to the same target.
         self._failed: tuple[tuple[str, str], str] | None = None
+        # set while the pusher waits for work with a stream open: (target, stream)
+        self._ready: tuple[tuple[str, str], p2p.Session] | None = None
 
     async def enqueue(self, item: _PushItem) -> None:
+        self._ready = None  # from now on the queue goes first
         await self._send.send(item)
+
+    async def send_now(self, peer: str, step: Step) -> bool:
+        """Send `step` on the open stream from the caller's task, if nothing is queued ahead
+        of it; False to go through the queue instead (no stream, another target, a failure:
+        the pusher then meets the same failure and reports it)."""
+        ready = self._ready
+        if ready is None or ready[0] != (peer, step.session_id):
+            return False
+        self._last_step_id = step.step_id
+        self._stepped = True
+        try:
+            await ready[1].send(step)
+        except p2p.P2PError:
+            self._ready = None
+            return False
+        return True
 
     def rewired(self) -> None:
         self._failed = None
@@ -390,6 +434,7 @@ class _Pusher:
         wait for the dial and the lane set-up."""
         sess = self.sess
         if sess.next_peer is not None and sess.next_session is not None:
+            self._ready = None
             try:
                 self._send.send_nowait(_PushItem(sess.next_peer, sess.next_session, None))
             except trio.WouldBlock:
@@ -461,7 +506,11 @@ class _Pusher:
                                 await stream.send(item.step)
                             finally:
                                 item.sent.set()
-                        item = await self._receive.receive()
+                        self._ready = (target, stream)
+                        try:
+                            item = await self._receive.receive()
+                        finally:
+                            self._ready = None
                         if (item.peer, item.session_id) != target:
                             following = item
                             break

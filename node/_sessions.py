@@ -99,6 +99,12 @@ class ServedSession:
     closed: bool = False
     cancel_scopes: set[trio.CancelScope] = field(default_factory=set)  # push streams into it
 
+    def __post_init__(self) -> None:
+        # the span's compute dtype and device, read once (the span's own properties walk its
+        # modules, on every step otherwise)
+        self.compute_dtype: torch.dtype = self.span.dtype
+        self.device: torch.device = self.span.device
+
     @property
     def start(self) -> int:
         return self.span.start
@@ -155,17 +161,22 @@ def check_replay(sess: ServedSession, replay: Replay) -> None:
     _check_hidden(sess, replay.hidden, 0, "replay")
 
 
-def to_compute(hidden: p2p.Tensor, span: Span) -> torch.Tensor:
-    """Wire hidden states as the span's dtype and device (no copy when they already are)."""
+def to_compute(hidden: p2p.Tensor, sess: ServedSession) -> torch.Tensor:
+    """Wire hidden states as the session's compute dtype and device (no copy when they
+    already are)."""
     t = hidden.to_torch()
-    if t.dtype != span.dtype or t.device != span.device:
-        t = t.to(device=span.device, dtype=span.dtype)
+    if t.dtype != sess.compute_dtype or t.device != sess.device:
+        t = t.to(device=sess.device, dtype=sess.compute_dtype)
     return t
 
 
 def to_wire(hidden: torch.Tensor, dtype: str) -> p2p.Tensor:
-    t = hidden.to(device="cpu", dtype=getattr(torch, dtype)).contiguous()
-    return p2p.Tensor.from_torch(t)
+    """The output in the session's wire dtype, on the CPU (shared, not copied, when it is
+    already both)."""
+    want = getattr(torch, dtype)
+    if hidden.dtype is not want or hidden.device.type != "cpu":
+        hidden = hidden.to(device="cpu", dtype=want)
+    return p2p.Tensor.from_torch(hidden)
 
 
 def cache_tokens_for(batch: int, max_length: int) -> int:

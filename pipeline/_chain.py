@@ -137,7 +137,8 @@ class Chain:
                              f"{self.max_length}")
         if position > self.position:
             raise ValueError(f"step at {position} but the session holds {self.position} positions")
-        hidden = hidden.to(self.dtype).contiguous()
+        if hidden.dtype != self.dtype or not hidden.is_contiguous():
+            hidden = hidden.to(self.dtype).contiguous()
         step_id = self._next_step
         self._next_step += 1
         self._current = step_id
@@ -222,10 +223,8 @@ class Chain:
         return None
 
     async def _send_step(self, link: _Link, step_id: int, position: int, hidden: torch.Tensor) -> None:
-        msg = Step(session_id=link.session_id, step_id=step_id, position=position,
-                   hidden=p2p.Tensor.from_torch(hidden), push=True)
-        with trio.fail_after(self.config.step_timeout):
-            await link.session.send(msg)
+        # no deadline of our own: the session's watchdog fails a write the node stops taking
+        await link.session.send(Step(link.session_id, step_id, position, p2p.Tensor.from_torch(hidden), True))
 
     # --- failover ----------------------------------------------------------------------
     async def _replace(self, bad: _Link, step_id: int, position: int) -> _Link:
