@@ -249,10 +249,7 @@ class SpanServer:
     # -- steps -------------------------------------------------------------------------------
     async def run_step(self, sess: ServedSession, step: Step) -> None:
         """Run one step (from the client or pushed from upstream) and deliver its result."""
-        try:
-            sess.lock.acquire_nowait()  # uncontended (the usual case): no scheduler round trip
-        except trio.WouldBlock:
-            await sess.lock.acquire()
+        await sess.lock.acquire()  # free (the usual case): no scheduler round trip
         try:
             if sess.closed:
                 return

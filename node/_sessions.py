@@ -80,6 +80,36 @@ class CacheBudget:
         self.sessions -= 1
 
 
+class StepGate:
+    """A session's mutex: one step at a time touches its cache. Taking a free gate costs no
+    trip through the scheduler (trio.Lock's uncontended acquire still yields once, and a step
+    should run from its read to its send in one go)."""
+
+    __slots__ = ("_held", "_lot")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def locked(self) -> bool:
+        return self._held
+
+    async def acquire(self) -> None:
+        while self._held:  # woken by release; another task may have taken it meanwhile
+            await self._lot.park()
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self._lot.unpark()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass(eq=False)
 class ServedSession:
     """One client's inference session on this node."""
@@ -92,7 +122,7 @@ class ServedSession:
     reservation: Reservation
     next_peer: str | None = None
     next_session: str | None = None
-    lock: trio.Lock = field(default_factory=trio.Lock)  # one step at a time touches the cache
+    lock: StepGate = field(default_factory=StepGate)  # one step at a time touches the cache
     last_active: float = field(default_factory=trio.current_time)
     last_step_id: int | None = None  # steps with a lower id are stale and dropped
     pusher: Any = None  # the session's _Pusher, while it runs

@@ -107,6 +107,7 @@ class LaneStream:
         self._recv_nonce = 0
         self._raw = bytearray()  # received ciphertext not yet decrypted
         self._tail: bytes | memoryview = b""  # sealed bytes the socket has not taken yet
+        self._drained = False  # the last read emptied the socket (and left no whole record)
         self._eof = False
         self._closed = False
 
@@ -200,7 +201,12 @@ class LaneStream:
 
     def _open_records(self) -> bytes:
         """Decrypt every complete record in the buffer (b"" if none is complete yet)."""
-        plain: list[bytes] = []
+        first = self._take_record() if self._raw else None
+        if first is None:
+            return b""
+        if not self._raw:  # the usual case: one record
+            return first
+        plain = [first]
         while (record := self._take_record()) is not None:
             plain.append(record)
         return b"".join(plain)
@@ -210,12 +216,13 @@ class LaneStream:
         are complete), or b"" at a clean end. `n` is ignored beyond being a hint: callers here
         parse their own frames."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        plain = self.read_nowait()
-        if plain is not None:
-            # it was there already: let other tasks run (a reader of a fast peer must not
-            # hold the event loop for a whole transfer)
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return plain
+        if not self._drained:  # (after a read that emptied the socket, go straight to the wait)
+            plain = self.read_nowait()
+            if plain is not None:
+                # it was there already: let other tasks run (a reader of a fast peer must not
+                # hold the event loop for a whole transfer)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return plain
         while True:
             await trio.lowlevel.wait_readable(self._fd)  # the wait is the checkpoint
             plain = self.read_nowait()
@@ -237,9 +244,11 @@ class LaneStream:
             try:
                 data = os.read(self._fd, _RECV_SIZE)
             except BlockingIOError:
+                self._drained = True
                 return None
             except OSError as exc:  # ECONNRESET: the peer is gone
                 raise trio.BrokenResourceError(f"lane read failed: {exc!r}") from exc
+            self._drained = len(data) < _RECV_SIZE  # the socket had no more
             if not data:
                 self._eof = True
             else:

@@ -62,6 +62,8 @@ class SessionProtocol:
             raise LocalProtocolError(f"can only send p2p.Message instances, not {type(msg).__name__}")
         if type(msg) is Heartbeat:
             return self.heartbeat()
+        if self.our_state is State.OPEN and type(msg) is not Goodbye:  # the usual case, no lookup
+            return encode(msg, max_frame_size=self.max_frame_size)
         nxt = _TRANSITIONS.get((self.our_state, _event(msg)))
         if nxt is None:
             raise LocalProtocolError(f"cannot send {type(msg).__name__}: we already said goodbye")
@@ -98,10 +100,11 @@ class SessionProtocol:
                     if self.their_state is not State.OPEN:
                         raise RemoteProtocolError("peer sent a heartbeat after its goodbye")
                     continue
-                nxt = _TRANSITIONS.get((self.their_state, _event(msg)))
-                if nxt is None:
-                    raise RemoteProtocolError(f"peer sent {type(msg).__name__} after its goodbye")
-                self.their_state = nxt
+                if self.their_state is not State.OPEN or type(msg) is Goodbye:
+                    nxt = _TRANSITIONS.get((self.their_state, _event(msg)))
+                    if nxt is None:
+                        raise RemoteProtocolError(f"peer sent {type(msg).__name__} after its goodbye")
+                    self.their_state = nxt
                 out.append(msg)
             if self._decoder.error is not None:
                 raise self._decoder.error

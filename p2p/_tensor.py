@@ -41,10 +41,16 @@ DTYPE_SIZES: dict[str, int] = {
 }
 
 
-def _torch_dtype(name: str) -> "torch.dtype":
-    import torch
+_TORCH_DTYPES: dict[str, Any] = {}  # wire name -> torch dtype, filled as names are met
 
-    return getattr(torch, name)
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    dtype = _TORCH_DTYPES.get(name)
+    if dtype is None:
+        import torch
+
+        dtype = _TORCH_DTYPES[name] = getattr(torch, name)
+    return dtype
 
 
 _WIRE_NAMES: dict[Any, str] = {}  # torch dtype -> wire name, filled as dtypes are met
@@ -146,10 +152,11 @@ class Tensor:
         import torch
 
         dtype = _torch_dtype(self.dtype)
-        if self.numel == 0:
+        numel = self.numel
+        if numel == 0:
             return torch.empty(self.shape, dtype=dtype)
         buffer: Any = self.data if not self.data.readonly else bytearray(self.data)
-        return torch.frombuffer(buffer, dtype=dtype, count=self.numel).reshape(self.shape)
+        return torch.frombuffer(buffer, dtype=dtype, count=numel).view(self.shape)
 
     # -- value semantics ---------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
