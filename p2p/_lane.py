@@ -26,7 +26,9 @@ HKDF-SHA256 from the invite key (salt: the ticket), and a 64-bit counter nonce s
 TCP keeps records in order, so any dropped, replayed, reordered or altered record fails
 authentication, and the lane is then broken (`trio.BrokenResourceError`). Tickets are single
 use and expire after `LANE_TICKET_TTL`; a connection that does not present a live ticket within
-`LANE_HELLO_DEADLINE` is closed without a word.
+`LANE_HELLO_DEADLINE` is closed without a word, and at most `LANE_MAX_HANDSHAKES` connections
+may be waiting to present one (more are closed at once: a flood of idle connections delays
+lanes, whose clients then stay on libp2p, and nothing else).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ LANE_TICKET_TTL = 10.0  # an invite's ticket must be used within this long
 LANE_HELLO_DEADLINE = 5.0  # a new lane connection must present its ticket within this long
 LANE_CONNECT_DEADLINE = 2.0  # client: TCP connect + hello + acknowledgement
 LANE_MAX_PENDING = 256  # unused tickets held at once (more invites are refused: LaneUnavailable)
+# connections that have not presented a ticket yet; more are closed at once (a flood of idle
+# connections costs one task and one descriptor each until the hello deadline)
+LANE_MAX_HANDSHAKES = 64
 ACK = b"ok"
 _LENGTH = struct.Struct(">I")
 _RECV_SIZE = 256 * 1024
@@ -308,6 +313,8 @@ class LaneListener:
         self.requested_port = port
         self.port: int | None = None
         self._tickets: dict[bytes, _Ticket] = {}
+        self.handshakes = 0  # connections still to present their ticket
+        self.refused = 0  # connections closed because LANE_MAX_HANDSHAKES were pending
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.requested_port, host=self.bind_host)
@@ -333,6 +340,11 @@ class LaneListener:
                 logger.warning("lane listener: accept failed: %r", exc)
                 await trio.sleep(0.1)
                 continue
+            if self.handshakes >= LANE_MAX_HANDSHAKES:
+                self.refused += 1
+                await trio.aclose_forcefully(sock)
+                continue
+            self.handshakes += 1
             nursery.start_soon(self._accept, sock)
 
     def invite(self) -> tuple[LaneInvite, _Ticket] | None:
@@ -354,14 +366,17 @@ class LaneListener:
 
     async def _accept(self, sock: trio.SocketStream) -> None:
         try:
-            with trio.fail_after(LANE_HELLO_DEADLINE):
-                hello = bytearray()
-                want = len(LANE_MAGIC) + TICKET_SIZE
-                while len(hello) < want:
-                    data = await sock.receive_some(want - len(hello))
-                    if not data:
-                        raise trio.BrokenResourceError("closed before the hello")
-                    hello += data
+            try:
+                with trio.fail_after(LANE_HELLO_DEADLINE):
+                    hello = bytearray()
+                    want = len(LANE_MAGIC) + TICKET_SIZE
+                    while len(hello) < want:
+                        data = await sock.receive_some(want - len(hello))
+                        if not data:
+                            raise trio.BrokenResourceError("closed before the hello")
+                        hello += data
+            finally:
+                self.handshakes -= 1
             if not hello.startswith(LANE_MAGIC):
                 raise trio.BrokenResourceError("not a lane hello")
             ticket = bytes(hello[len(LANE_MAGIC):])

@@ -248,3 +248,34 @@ async def test_a_lane_notices_a_reset_while_nobody_receives(make_host) -> None:
             await session.receive()
         with pytest.raises(p2p.PeerBrokenError):
             await session.send(Data(1))
+
+
+async def test_a_flood_of_idle_connections_is_capped_and_sessions_go_on(make_host) -> None:
+    client, server, handler = await _pair(make_host)
+    port = server.lanes.port
+    idle = []
+    try:
+        for _ in range(_lane.LANE_MAX_HANDSHAKES):  # connect and say nothing
+            idle.append(await trio.open_tcp_stream("127.0.0.1", port))
+        with trio.fail_after(10):
+            while server.lanes.handshakes < _lane.LANE_MAX_HANDSHAKES:
+                await trio.sleep(0.01)
+        # one more: closed at once, unread
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            assert await extra.receive_some(100) == b""
+        assert server.lanes.refused >= 1
+        await extra.aclose()
+        # a session meanwhile: its lane connection is refused, so it carries on over libp2p
+        async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+            assert session.transport == "libp2p"
+            await _round_trips(session, 2)
+    finally:
+        for sock in idle:
+            await sock.aclose()
+    with trio.fail_after(10):  # the flood gone, lanes work again
+        while server.lanes.handshakes:
+            await trio.sleep(0.01)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "lane"
+        await _round_trips(session, 2)
