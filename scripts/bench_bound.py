@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""How close the swarm gets to the physical bound of a split decode on this machine.
+
+    python scripts/bench_bound.py [--config tiny] [--rounds 20] [--new-tokens 64]
+
+Three processes sets decode the same prompt greedily, one generation each in turn, round after
+round (a shared VM's speed drifts by tens of percent within minutes; turns this short put every
+side under the same drift):
+
+* ``local``: the whole model in one process (`LocalModelForCausalLM`);
+* ``bound``: the 2-node split of the swarm benchmark as bare processes: a client with the
+  embeddings and LM head, and one process per span, joined by loopback TCP, each blocking in
+  ``recv``. No framing, encryption, validation, event loop, echo, heartbeats or failover
+  bookkeeping: only the compute, the split and three hops per token. Nothing that runs the
+  model this way on this machine can be faster, so it is the bound a swarm is measured against;
+* ``swarm``: real ``run-node`` processes and the client library (`DistributedModelForCausalLM`).
+
+Every process runs torch with one intra-op thread. Prints JSON: decode ms per token (the median
+over rounds) and tokens/s for each side, the per-round ratios to local (medians), the share of
+the bound's speed the swarm reaches, and whether all three produced the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
+_HEADER = struct.Struct("<II")  # position, tokens
+
+
+class Clock:
+    """A streamer recording when each new token came out (HF put/end protocol)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:
+            self.first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def ms_per_token(self) -> float:
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1) * 1e3
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise EOFError("peer closed")
+        got += k
+    return buf
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _accept(listener: socket.socket) -> socket.socket:
+    sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _listener() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    return listener
+
+
+# -- the roles (each runs in its own process) --------------------------------------------------
+def role_node(path: str, start: int, end: int, next_port: int) -> None:
+    """One span: read (position, tokens, hidden) from upstream, run the blocks, send on."""
+    import torch
+
+    from pipeline import Segment
+    from pipeline._checkpoint import Checkpoint, load_span
+
+    torch.set_num_threads(1)
+    checkpoint = Checkpoint(path)
+    span = load_span(checkpoint, start, end, "cpu", "auto")
+    dim = checkpoint.config.hidden_size
+    listener = _listener()
+    print(listener.getsockname()[1], flush=True)
+    downstream = _connect(next_port)
+    upstream = _accept(listener)
+    cache = span.new_cache(1, 4096)
+    while True:
+        try:
+            position, tokens = _HEADER.unpack(_recv_exactly(upstream, _HEADER.size))
+            hidden = torch.frombuffer(_recv_exactly(upstream, tokens * dim * 4), dtype=torch.float32)
+        except EOFError:
+            return
+        out = span.forward_segments([Segment(hidden.view(1, tokens, dim), position, cache)])[0]
+        downstream.sendall(_HEADER.pack(position, tokens) + out.contiguous().numpy().tobytes())
+
+
+def role_generator(kind: str, path: str, spans: str, new_tokens: int) -> None:
+    """Answer "gen" lines on stdin with one generation's ms/token and tokens (JSON)."""
+    import torch
+
+    torch.set_num_threads(1)
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    cleanup = []
+    if kind == "local":
+        from pipeline import LocalModelForCausalLM
+
+        generate = LocalModelForCausalLM.from_pretrained(path).generate
+    elif kind == "swarm":
+        from pipeline import DistributedModelForCausalLM
+        from pipeline.launch import LocalSwarm
+
+        swarm = LocalSwarm(path, [tuple(map(int, s.split(":"))) for s in spans.split(",")], threads=1)
+        swarm.start()
+        model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        generate = model.generate
+        cleanup = [model.close, swarm.stop]
+    else:
+        generate, cleanup = _bound_generator(path, spans)
+    try:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "gen":
+                break
+            clock = Clock()
+            out = generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+            print(json.dumps({"ms": clock.ms_per_token(), "tokens": out[0].tolist()}), flush=True)
+    finally:
+        for fn in cleanup:
+            fn()
+
+
+def _bound_generator(path: str, spans: str):
+    """The bound's client: the head here, the spans in `role_node` processes."""
+    from pipeline._checkpoint import Checkpoint, load_client_head
+    from pipeline._generation import GenerationConfig, generate
+
+    import torch
+
+    checkpoint = Checkpoint(path)
+    head = load_client_head(checkpoint, "cpu", "auto")
+    dim = checkpoint.config.hidden_size
+    listener = _listener()
+    port, nodes = listener.getsockname()[1], []
+    for span in reversed(spans.split(",")):  # last span first: each connects to the next
+        start, end = span.split(":")
+        proc = subprocess.Popen([sys.executable, __file__, "--role", "node", "--path", path,
+                                 "--span", f"{start}:{end}", "--next-port", str(port)],
+                                stdout=subprocess.PIPE, text=True)
+        port = int(proc.stdout.readline())
+        nodes.append(proc)
+    first = _connect(port)
+    last = _accept(listener)
+
+    def step(hidden: torch.Tensor, position: int) -> torch.Tensor:
+        tokens = hidden.shape[1]
+        first.sendall(_HEADER.pack(position, tokens) + hidden.contiguous().numpy().tobytes())
+        _recv_exactly(last, _HEADER.size)
+        return torch.frombuffer(_recv_exactly(last, tokens * dim * 4), dtype=torch.float32).view(1, tokens, dim)
+
+    def run(prompt, max_new_tokens, eos_token_id, streamer):
+        cfg = GenerationConfig.build((), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        return generate(step, head, prompt, cfg, streamer)
+
+    def stop() -> None:
+        first.close()
+        for proc in nodes:
+            proc.wait(timeout=30)
+
+    return run, [stop]
+
+
+# -- the orchestrator ----------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--role", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--span", help=argparse.SUPPRESS)
+    ap.add_argument("--next-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--spans", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "node":
+        start, end = map(int, args.span.split(":"))
+        return role_node(args.path, start, end, args.next_port)
+    if args.role:
+        return role_generator(args.role, args.path, args.spans, args.new_tokens)
+
+    from pipeline.tiny import write_tiny_model
+
+    spans = ",".join(f"{a}:{b}" for a, b in SPLIT[args.config])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(write_tiny_model(Path(tmp) / args.config, args.config))
+        sides = {}
+        for kind in ("local", "bound", "swarm"):
+            sides[kind] = subprocess.Popen(
+                [sys.executable, __file__, "--role", kind, "--path", path, "--spans", spans,
+                 "--new-tokens", str(args.new_tokens)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            if sides[kind].stdout.readline().strip() != "ready":
+                raise SystemExit(f"{kind} did not start")
+        ms: dict[str, list[float]] = {k: [] for k in sides}
+        tokens: dict[str, list[int]] = {}
+        try:
+            for rnd in range(args.rounds + 1):  # round 0 warms every side up
+                for kind, proc in sides.items():
+                    proc.stdin.write("gen\n")
+                    proc.stdin.flush()
+                    reply = json.loads(proc.stdout.readline())
+                    if rnd:
+                        ms[kind].append(reply["ms"])
+                    tokens[kind] = reply["tokens"]
+        finally:
+            for proc in sides.values():
+                proc.stdin.close()
+            for proc in sides.values():
+                proc.wait(timeout=60)
+
+    def ratio(kind: str) -> float:  # per round: local ms / kind ms, then the median
+        return round(statistics.median(a / b for a, b in zip(ms["local"], ms[kind])), 3)
+
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    print(json.dumps({
+        "config": args.config, "rounds": args.rounds, "new_tokens": args.new_tokens, "spans": spans,
+        "ms_per_token": {k: round(v, 2) for k, v in med.items()},
+        "decode_tok_s": {k: round(1e3 / v, 1) for k, v in med.items()},
+        "bound_ratio_vs_local": ratio("bound"),
+        "swarm_ratio_vs_local": ratio("swarm"),
+        "swarm_share_of_bound": round(statistics.median(b / s for b, s in zip(ms["bound"], ms["swarm"])), 3),
+        "swarm_added_ms_over_bound": round(med["swarm"] - med["bound"], 2),
+        "tokens_equal": tokens["local"] == tokens["bound"] == tokens["swarm"],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
