@@ -25,6 +25,7 @@ inside; they need no tag). Cross-field checks go in a ``validate(self)`` method 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -369,6 +370,64 @@ class _Spec(typing.NamedTuple):
     names: frozenset[str]
     tensor_fields: tuple[str, ...]
     required: frozenset[str]
+    # all-fields-valid test compiled into one function for classes whose fields are all of
+    # the simple kinds (`_fast_test`): True means every per-field check passes and leaves the
+    # value as it is. False says nothing; the per-field checks then run and report.
+    fast: Callable[[Any], bool] | None = None
+
+
+def _fast_test(tp: Any, limits: Mapping[str, Any], env: dict[str, Any]) -> str | None:
+    """A Python expression over `v`, true only for values `_compile`'s check accepts unchanged;
+    None for the kinds it does not cover (then the class has no fast test)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) != 1 or len(args) != 2:
+            return None
+        inner = _fast_test(non_none[0], limits, env)
+        return None if inner is None else f"(v is None or ({inner}))"
+    if tp is bool:
+        return "type(v) is bool"
+    if tp is int:
+        lo, hi = limits.get("min_value"), limits.get("max_value")
+        lo = -(2**63) if lo is None else max(lo, -(2**63))
+        hi = 2**64 - 1 if hi is None else min(hi, 2**64 - 1)
+        if type(lo) is not int or type(hi) is not int:
+            return None
+        return f"(type(v) is int and {lo} <= v <= {hi})"
+    if tp in (str, bytes):
+        test = f"type(v) is {tp.__name__}"
+        if limits.get("max_len") is not None:
+            test += f" and len(v) <= {int(limits['max_len'])}"
+        if limits.get("min_len") is not None:
+            test += f" and len(v) >= {int(limits['min_len'])}"
+        return f"({test})"
+    if tp is Tensor:
+        test = "type(v) is _Tensor"
+        if limits.get("dtypes") is not None:
+            key = f"_dtypes{len(env)}"
+            env[key] = frozenset(limits["dtypes"])
+            test += f" and v.dtype in {key}"
+        if limits.get("ndim") is not None:
+            test += f" and len(v.shape) == {int(limits['ndim'])}"
+        if limits.get("max_numel") is not None:
+            test += f" and _prod(v.shape) <= {int(limits['max_numel'])}"
+        return f"({test})"
+    return None
+
+
+def _compile_fast(cls: type, hints: Mapping[str, Any]) -> Callable[[Any], bool] | None:
+    env: dict[str, Any] = {"_Tensor": Tensor, "_prod": math.prod}
+    lines = ["def fast(self):"]
+    for f in dataclasses.fields(cls):
+        test = _fast_test(hints[f.name], f.metadata.get("p2p", {}), env)
+        if test is None:
+            return None
+        lines += [f"    v = self.{f.name}", f"    if not {test}:", "        return False"]
+    lines.append("    return True")
+    exec("\n".join(lines), env)  # noqa: S102 - built only from annotations and numeric limits
+    return env["fast"]
 
 
 def _spec(cls: type, localns: dict[str, Any] | None = None) -> _Spec:
@@ -394,6 +453,7 @@ def _spec(cls: type, localns: dict[str, Any] | None = None) -> _Spec:
             frozenset(s.name for s in specs),
             tuple(s.name for s in specs if s.is_tensor),
             frozenset(required),
+            _compile_fast(cls, hints),
         )
         setattr(cls, "_p2p_spec", spec)
     return spec
@@ -421,10 +481,15 @@ class Message:
 
     def __post_init__(self) -> None:
         cls = type(self)
-        try:
-            spec = _spec(cls)
-        except TypeError as exc:
-            raise LocalProtocolError(str(exc)) from exc
+        spec = cls.__dict__.get("_p2p_spec")
+        if spec is None:
+            try:
+                spec = _spec(cls)
+            except TypeError as exc:
+                raise LocalProtocolError(str(exc)) from exc
+        if spec.fast is not None and spec.fast(self):
+            self._validate_cross_fields(cls)
+            return
         for f in spec.fields:
             value = getattr(self, f.name)
             try:
@@ -435,6 +500,9 @@ class Message:
                 raise LocalProtocolError(f"{cls.__name__}.{f.name}: {exc}") from None
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
+        self._validate_cross_fields(cls)
+
+    def _validate_cross_fields(self, cls: type) -> None:
         try:
             self.validate()
         except (ValueError, TypeError) as exc:
