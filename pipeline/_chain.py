@@ -65,6 +65,10 @@ class _Link:
     session: p2p.Session
     cancel: trio.CancelScope            # of the task that owns the stream (see Chain._run_link)
     broken: BaseException | None = None
+    # The last link's stream is read by the stepping task itself while all is well (see
+    # Chain._read_final): `lent` is set then, and the link's own task waits for it to be set.
+    lent: trio.Event | None = None
+    reading: trio.CancelScope | None = None  # the link task's reading, to stop it when lent
 
     @property
     def start(self) -> int:
@@ -95,6 +99,7 @@ class Chain:
         self._push_failed: dict[int, set[str]] = {}         # step id -> session ids that could not push
         self._next_step = 0
         self._changed = trio.Event()
+        self._fast: trio.CancelScope | None = None            # Chain._read_final, while it reads
         self._nursery: trio.Nursery | None = None
         self._closed = False
 
@@ -148,13 +153,45 @@ class Chain:
             await self._send_step(self.links[0], step_id, position, hidden)
         except (p2p.P2PError, trio.TooSlowError) as e:    # failover takes it from here
             self.links[0].broken = self.links[0].broken or e
-        out = await self._await_final(step_id, position, t)
+        deadline = trio.current_time() + self.config.step_timeout
+        out = await self._read_final(step_id, deadline)
+        if out is None:
+            out = await self._await_final(step_id, position, t, deadline)
         self.position = position + t
         return out
 
-    async def _await_final(self, step_id: int, position: int, t: int) -> torch.Tensor:
+    async def _read_final(self, step_id: int, deadline: float) -> torch.Tensor | None:
+        """The usual case, without a task switch per step: read the last link's stream in this
+        task until the step's result arrives. None as soon as anything needs attention (a
+        broken link, a refused step or push, the deadline): the link's own task then reads it
+        again and `_await_final` takes over."""
+        final = self.links[-1]
+        if any(link.broken is not None for link in self.links) or self._step_errors or self._push_failed:
+            self._give_back(final)
+            return None
+        if final.lent is None:  # stop the link's task reading (it waits until given back)
+            final.lent = trio.Event()
+            if final.reading is not None:
+                final.reading.cancel()
+        with trio.CancelScope(deadline=deadline) as self._fast:
+            try:
+                while step_id not in self._final and final.broken is None:
+                    self._on_message(final, await final.session.receive())
+            except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                final.broken = final.broken or e
+        self._fast = None
+        if step_id in self._final:
+            return self._final.pop(step_id)
+        self._give_back(final)
+        return None
+
+    def _give_back(self, link: _Link) -> None:
+        if link.lent is not None:
+            lent, link.lent = link.lent, None
+            lent.set()
+
+    async def _await_final(self, step_id: int, position: int, t: int, deadline: float) -> torch.Tensor:
         failovers = 0
-        deadline = trio.current_time() + self.config.step_timeout
         resend_to: _Link | None = None
         while True:
             if step_id in self._final:
@@ -358,14 +395,19 @@ class Chain:
                 task_status.started(link)
                 try:
                     while True:
-                        self._on_message(link, await session.receive())
+                        if link.lent is not None:  # the stepping task reads (`_read_final`)
+                            await link.lent.wait()
+                            continue
+                        with trio.CancelScope() as link.reading:
+                            while True:
+                                self._on_message(link, await session.receive())
                 except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if link.broken is None:
                         link.broken = e
                 finally:
                     if link.broken is None and not cancel.cancel_called:
                         link.broken = p2p.PeerBrokenError(f"{hop.peer_id} ended the session")
-                    self._wake()
+                    self._wake(urgent=True)
 
     async def _connect(self, hop: Hop) -> None:
         for addr in hop.addrs:
@@ -392,11 +434,13 @@ class Chain:
 
     # --- reading -----------------------------------------------------------------------
     def _on_message(self, link: _Link, msg: p2p.Message) -> None:
+        urgent = True  # for the stepping task, when it reads the last link itself
         if isinstance(msg, StepResult):
             out = msg.hidden.to_torch()
             if out.shape[0] != self.batch or out.dtype != self.dtype:
                 link.broken = p2p.RemoteProtocolError(f"{link.hop.peer_id} sent a result of the wrong shape")
             else:
+                urgent = False
                 self._latest[link.session_id] = max(msg.step_id, self._latest.get(link.session_id, -1))
                 if link.end == self.num_blocks:
                     if msg.step_id == self._current:
@@ -410,7 +454,7 @@ class Chain:
                 link.broken = p2p.RemoteError(msg.code, msg.message)
         elif isinstance(msg, PushFailed):
             self._push_failed.setdefault(msg.step_id, set()).add(msg.session_id)
-        self._wake()
+        self._wake(urgent)
 
     def _remember(self, boundary: int, position: int, step_id: int, hidden: torch.Tensor) -> None:
         store = self._history.setdefault(boundary, {})
@@ -421,9 +465,11 @@ class Chain:
                 del store[pos]
         store[position] = (step_id, hidden)
 
-    def _wake(self) -> None:
+    def _wake(self, urgent: bool = False) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if urgent and self._fast is not None:
+            self._fast.cancel()
 
 
 class _OpenFailed(Exception):
