@@ -40,17 +40,18 @@ def test_generate_and_logits_match_transformers(family, hf_checkpoint):
 
 
 class KillAfter:
-    """A streamer that signals the serving middle node once `n` new tokens have come out."""
+    """A streamer that signals the node serving hop `hop` of the route (the middle one by
+    default) once `n` new tokens have come out."""
 
-    def __init__(self, swarm: LocalSwarm, model, n: int, sig: int) -> None:
-        self.swarm, self.model, self.n, self.sig = swarm, model, n, sig
+    def __init__(self, swarm: LocalSwarm, model, n: int, sig: int, hop: int = 1) -> None:
+        self.swarm, self.model, self.n, self.sig, self.hop = swarm, model, n, sig, hop
         self.count, self.victim, self.killed_at = -1, None, None
 
     def put(self, value) -> None:
         self.count += 1
         if self.count == self.n:
-            middle = self.model.route[1].peer_id
-            self.victim = next(node for node in self.swarm.nodes if node.peer_id == middle)
+            target = self.model.route[self.hop].peer_id
+            self.victim = next(node for node in self.swarm.nodes if node.peer_id == target)
             self.victim.signal(self.sig)
             self.killed_at = time.monotonic()
 
@@ -66,17 +67,19 @@ def tiny_reference(tiny_model):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
-def test_failover_gives_identical_tokens(sig, tiny_model, tiny_reference):
+@pytest.mark.parametrize("hop", [1, 2], ids=["middle", "last"])
+def test_failover_gives_identical_tokens(sig, hop, tiny_model, tiny_reference):
+    # the last node's stream is read by the stepping task itself (the others by their tasks)
     prompt, expected = tiny_reference
-    with LocalSwarm(tiny_model, [(0, 3), (3, 6), (3, 6), (6, 8)]) as swarm, \
+    spans = [(0, 3), (3, 6), (3, 6), (6, 8)] if hop == 1 else [(0, 3), (3, 6), (6, 8), (6, 8)]
+    with LocalSwarm(tiny_model, spans) as swarm, \
             DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.initial_peers) as model:
         with model.inference_session(max_length=64) as session:
-            killer = KillAfter(swarm, model, 10, sig)
+            killer = KillAfter(swarm, model, 10, sig, hop)
             out = model.generate(prompt, max_new_tokens=24, eos_token_id=[], streamer=killer, session=session)
             assert killer.victim is not None
             assert session.chain.failovers >= 1
-            new_middle = session.route[1].peer_id
-            assert new_middle != killer.victim.peer_id
+            assert session.route[hop].peer_id != killer.victim.peer_id
         assert torch.equal(out, expected)
 
 
