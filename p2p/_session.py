@@ -66,6 +66,9 @@ logger = logging.getLogger("lamina.p2p")
 _STREAM_ERRORS = (IOException, trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError)
 
 
+YIELD_EVERY_CHUNKS = 16  # pieces of a big frame (about 1 MB) between two forced yields
+
+
 def _chunks(buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """The pieces to hand to the libp2p stream: small frames joined into one write, everything
     cut into `WRITE_CHUNK`-byte pieces (one yamux frame = one Noise message each)."""
@@ -371,7 +374,11 @@ class Session:
                     self._connection_corrupt = True
                     raise self._error or PeerTimeoutError("write aborted", peer_id=self.peer_id)
             for i, chunk in enumerate(_chunks(buffers)):
-                if i:
+                if i % YIELD_EVERY_CHUNKS == 0 and i:
+                    # a fast peer can take a big frame without our socket ever filling (a
+                    # lane's writes then never wait): let the other tasks run now and then
+                    await trio.lowlevel.checkpoint()
+                elif i:
                     await trio.lowlevel.checkpoint_if_cancelled()
                 with trio.CancelScope(shield=True) as flight:
                     self._in_flight = flight

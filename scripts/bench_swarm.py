@@ -11,7 +11,9 @@ not how the cores were shared; `local_2_threads` is reported beside it for refer
 Decode rate = (new tokens - 1) / (last token time - first token time); TTFT includes opening
 the session on every node. Best of `--repeats` runs each. The ratios compare each swarm with
 local runs made alternately with its own runs (the machine's speed drifts on a shared VM);
-`local` is the same measured once up front.
+`local` is the same measured once up front. `decode_ratio_vs_local` is best swarm run / best
+local run; `decode_ratio_paired_median` is the median over the alternating pairs of (swarm run
+/ the local run just before it), which the drift distorts less.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -92,17 +95,22 @@ def bench_config(name: str, path: Path, args) -> dict:
             # Local and swarm runs alternate (the nodes idle during local runs), so a drift in
             # the machine's speed (a shared VM's is large) hits both sides of the ratio alike.
             best = {"local": (float("inf"), 0.0), "swarm": (float("inf"), 0.0)}
+            pairs = []
             for _ in range(args.repeats):
+                pair = {}
                 for side, generate in (("local", local.generate), ("swarm", model.generate)):
                     t, d, o = run(generate, prompt, args.new_tokens, 1)
                     best[side] = (min(best[side][0], t), max(best[side][1], d))
+                    pair[side] = d
                     if side == "swarm":
                         out = o
+                pairs.append(pair["swarm"] / pair["local"])
         (ttft, decode), (local_ttft, local_decode) = best["swarm"], best["local"]
         result[f"swarm_{n}"] = {
             "ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1),
             "local_alternating_decode_tok_s": round(local_decode, 1),
             "decode_ratio_vs_local": round(decode / local_decode, 2),
+            "decode_ratio_paired_median": round(statistics.median(pairs), 2),
             "ttft_ratio_vs_local": round(ttft / local_ttft, 2),
             "added_ms_per_token": round(1e3 / decode - 1e3 / local_decode, 2),
             "tokens_equal_local": bool(torch.equal(out, expected)),
