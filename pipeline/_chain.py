@@ -166,7 +166,8 @@ class Chain:
         broken link, a refused step or push, the deadline): the link's own task then reads it
         again and `_await_final` takes over."""
         final = self.links[-1]
-        if any(link.broken is not None for link in self.links) or self._step_errors or self._push_failed:
+        if any(link.broken is not None for link in self.links) or step_id in self._step_errors \
+                or self._push_failed.get(step_id):
             self._give_back(final)
             return None
         if final.lent is None:  # stop the link's task reading (it waits until given back)
