@@ -424,10 +424,13 @@ class Host:
             if lane is not None:  # the libp2p stream is closed; the session goes on over the lane
                 async with run_session(lane, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
                     await self._serve_session(handler, peer_id, session)
-        except (PeerError, LocalProtocolError, RemoteProtocolError, EndOfSession) as exc:
+        except _STREAM_ENDINGS as exc:
             logger.debug("%s stream from %s ended: %r", handler.protocol_id, peer_id, exc)
-        except Exception:
-            logger.exception("bug while serving %s to %s", handler.protocol_id, peer_id)
+        except Exception as exc:
+            if _only(exc, _STREAM_ENDINGS):  # the same, wrapped by a nursery on the way out
+                logger.debug("%s stream from %s ended: %r", handler.protocol_id, peer_id, exc)
+            else:
+                logger.exception("bug while serving %s to %s", handler.protocol_id, peer_id)
         finally:
             if counted:
                 left = handler.active.get(peer_id, 1) - 1
@@ -738,6 +741,17 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     except BaseExceptionGroup as group:
         # py-libp2p's and our nurseries wrap whatever the body raised; hand it on as itself
         reraise_single(group)
+
+
+# how a served stream ends when the peer (or the bytes it sent) ended it: not a bug of ours
+_STREAM_ENDINGS = (PeerError, LocalProtocolError, RemoteProtocolError, EndOfSession)
+
+
+def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """`exc` is one of `kinds`, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kinds) for e in exc.exceptions)
+    return isinstance(exc, kinds)
 
 
 async def _start_lanes(host: Host, nursery: trio.Nursery) -> None:

@@ -374,3 +374,12 @@ async def test_200_open_close_cycles_leave_fds_and_tasks_flat() -> None:
                 await trio.sleep(0.05)
         assert _fd_count() <= fds + 2
         assert _task_count() <= tasks + 2
+
+
+def test_stream_endings_wrapped_in_groups_are_recognized() -> None:
+    from p2p._host import _STREAM_ENDINGS, _only
+
+    gone = p2p.PeerBrokenError("the client reset the stream")
+    assert _only(gone, _STREAM_ENDINGS)
+    assert _only(ExceptionGroup("tasks", [gone, ExceptionGroup("inner", [p2p.EndOfSession("bye")])]), _STREAM_ENDINGS)
+    assert not _only(ExceptionGroup("tasks", [gone, KeyError("a bug")]), _STREAM_ENDINGS)
