@@ -199,14 +199,21 @@ class Rotary:
         self._len = 0
 
     def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        need = int(positions.max()) + 1
+        self._grow(int(positions.max()) + 1, dtype)
+        return self._cos[positions][:, None, :], self._sin[positions][:, None, :]   # [N, 1, E]
+
+    def range(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The same for positions start..end-1 in order: views of the tables (no gather)."""
+        self._grow(end, dtype)
+        return self._cos[start:end, None, :], self._sin[start:end, None, :]
+
+    def _grow(self, need: int, dtype: torch.dtype) -> None:
         if need > self._len or self._cos.dtype != dtype:
             size = max(need, 2 * self._len, 256)
             pos = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos, self._sin, self._len = emb.cos().to(dtype), emb.sin().to(dtype), size
-        return self._cos[positions][:, None, :], self._sin[positions][:, None, :]   # [N, 1, E]
 
 
 class Span(nn.Module):
@@ -258,12 +265,16 @@ class Span(nn.Module):
             self._check(seg)
         if self._rotary is None:
             self._rotary = Rotary(self.config, self.device)
-        pos = torch.cat([
-            torch.arange(s.start, s.start + s.hidden.shape[1], device=self.device).repeat(s.hidden.shape[0])
-            for s in segments])
-        cos, sin = self._rotary(pos, self.dtype)
+        first = segments[0]
+        if len(segments) == 1 and first.hidden.shape[0] == 1:  # one row (a decode step): no gather
+            cos, sin = self._rotary.range(first.start, first.start + first.hidden.shape[1], first.hidden.dtype)
+        else:
+            pos = torch.cat([
+                torch.arange(s.start, s.start + s.hidden.shape[1], device=self.device).repeat(s.hidden.shape[0])
+                for s in segments])
+            cos, sin = self._rotary(pos, first.hidden.dtype)  # (_check: every segment is in our dtype)
         x = torch.cat([s.hidden.reshape(-1, self.config.hidden_size) for s in segments]) \
-            if len(segments) > 1 else segments[0].hidden.reshape(-1, self.config.hidden_size)
+            if len(segments) > 1 else first.hidden.reshape(-1, self.config.hidden_size)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, segments)
         outs, offset = [], 0
