@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,7 +139,7 @@ class Batcher:
                     await self._wait_for_job()
             batch = self._take()
             if batch:
-                self._count_pass(batch)
+                self._count_pass(job.cache for job, _ in batch)
                 began = trio.current_time()
                 await self._pass(batch)
                 last_pass = trio.current_time() - began
@@ -146,10 +147,23 @@ class Batcher:
     def _forget_old_sessions(self) -> None:
         self._recent = {k: p for k, p in self._recent.items() if p >= self._passes - RECENT_PASSES}
 
-    def _count_pass(self, batch: list[tuple[_Job, int]]) -> None:
+    def _count_pass(self, caches: Iterable[KVCache]) -> None:
         self._passes += 1
-        for job, _ in batch:
-            self._recent[id(job.cache)] = self._passes
+        for cache in caches:
+            self._recent[id(cache)] = self._passes
+
+    def _note_pass(self, took: float, segments: int, short: bool, inline: bool) -> None:
+        """Statistics of a pass that took `took` seconds (and, when short, the inline test's
+        measure)."""
+        if short:
+            self._short_pass = took
+        stats = self.stats
+        stats.compute_seconds += took
+        stats.passes += 1
+        stats.inline_passes += inline
+        stats.segments += segments
+        stats.max_segments = max(stats.max_segments, segments)
+        stats.batched_passes += segments > 1
 
     def _alone(self, cache: KVCache) -> bool:
         """No other session stepped in the last RECENT_PASSES passes (none to wait for)."""
@@ -164,21 +178,13 @@ class Batcher:
         No other task runs until it is done, and none before the caller has sent the result on
         (it then waits for its next message, which lets the others run). Raises what the pass
         raised."""
-        self._passes += 1
-        self._recent[id(cache)] = self._passes
+        self._count_pass((cache,))
         began = trio.current_time()
         try:
             out = span.forward_segments([Segment(hidden, start, cache)])[0]
         finally:
-            took = trio.current_time() - began
-            self._short_pass = took
-            stats = self.stats
-            stats.compute_seconds += took
-            stats.passes += 1
-            stats.inline_passes += 1
-            stats.segments += 1
-            stats.max_segments = max(stats.max_segments, 1)
-        stats.tokens += hidden.shape[0] * hidden.shape[1]
+            self._note_pass(trio.current_time() - began, 1, short=True, inline=True)
+        self.stats.tokens += hidden.shape[0] * hidden.shape[1]
         return out
 
     def _inline_ok(self) -> bool:
@@ -213,21 +219,13 @@ class Batcher:
         tokens = sum(t * job.hidden.shape[0] for job, t in batch)
         short = tokens <= INLINE_TOKENS
         began = trio.current_time()
-        if short and self._inline_ok():
+        inline = short and self._inline_ok()
+        if inline:
             outcome = _compute(groups)
-            self.stats.inline_passes += 1
         else:
             outcome = await self._worker.run(_compute, groups)
-        took = trio.current_time() - began
-        if short:
-            self._short_pass = took
-        self.stats.compute_seconds += took
+        self._note_pass(trio.current_time() - began, len(batch), short, inline)
         await trio.lowlevel.checkpoint()  # an inline pass must not starve the other tasks
-        self.stats.passes += 1
-        self.stats.segments += len(batch)
-        self.stats.max_segments = max(self.stats.max_segments, len(batch))
-        if len(batch) > 1:
-            self.stats.batched_passes += 1
         for (job, t), out in zip([p for g in groups for p in g], outcome):
             self.stats.tokens += t * job.hidden.shape[0]
             if isinstance(out, BaseException):

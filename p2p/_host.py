@@ -424,10 +424,8 @@ class Host:
             if lane is not None:  # the libp2p stream is closed; the session goes on over the lane
                 async with run_session(lane, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
                     await self._serve_session(handler, peer_id, session)
-        except _STREAM_ENDINGS as exc:
-            logger.debug("%s stream from %s ended: %r", handler.protocol_id, peer_id, exc)
         except Exception as exc:
-            if _only(exc, _STREAM_ENDINGS):  # the same, wrapped by a nursery on the way out
+            if _only(exc, _STREAM_ENDINGS):  # (possibly wrapped by a nursery on the way out)
                 logger.debug("%s stream from %s ended: %r", handler.protocol_id, peer_id, exc)
             else:
                 logger.exception("bug while serving %s to %s", handler.protocol_id, peer_id)

@@ -131,7 +131,7 @@ class Session:
     @property
     def transport(self) -> str:
         """"lane" when the session runs on a direct lane (see `p2p._lane`), else "libp2p"."""
-        return "lane" if isinstance(self._stream, LaneStream) else "libp2p"
+        return "lane" if self._direct else "libp2p"
 
     @property
     def failed(self) -> BaseException | None:
@@ -153,8 +153,7 @@ class Session:
                         self._last_tx = trio.current_time()
                         return
                 except _STREAM_ERRORS as exc:
-                    self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
-                    raise self._error from exc  # type: ignore[misc]
+                    raise self._broke("to", exc) from exc
                 self._tx_whole = False  # the rest of the frame waits in the lane: flush it
                 buffers = []
         await self._write(buffers)
@@ -199,8 +198,7 @@ class Session:
                     raise EndOfSession(f"{self.peer_id} ended the session")
                 data = await self._read_chunk()
                 if data is not None:
-                    pending.extend(self._take_in(data))
-                    self._after_take_in()
+                    self._take_in_pending(data)
             return pending.popleft()
         finally:
             self._receiving = False
@@ -254,6 +252,13 @@ class Session:
         if self._direct and self._reader_waiting:
             self._stream.interrupt_read()  # `_read_chunk` wakes and the receiver sees the error
         self._background.cancel()
+
+    def _broke(self, direction: str, exc: BaseException) -> BaseException:
+        """Fail the session because the stream raised `exc` reading ("from") or writing ("to");
+        the session's error (the first failure, if one came before)."""
+        self._fail(PeerBrokenError(f"stream {direction} {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+        assert self._error is not None
+        return self._error
 
     def _raise_if_unusable(self) -> None:
         if self._error is not None:
@@ -390,8 +395,7 @@ class Session:
                 self._write_progress_at = self._last_tx = trio.current_time()
             completed = self._tx_whole = True
         except _STREAM_ERRORS as exc:
-            self._fail(PeerBrokenError(f"stream to {self.peer_id} broke while sending: {exc!r}", peer_id=self.peer_id))
-            raise self._error from exc  # type: ignore[misc]
+            raise self._broke("to", exc) from exc
         finally:
             self._in_flight = None
             self._write_progress_at = None
@@ -411,8 +415,7 @@ class Session:
         except EOFError:  # libp2p's StreamEOF: clean FIN or connection gone alike
             data = b""
         except _STREAM_ERRORS as exc:
-            if self._error is None:
-                self._fail(PeerBrokenError(f"stream from {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+            self._broke("from", exc)
             return None
         finally:
             self._reader_waiting = False
@@ -451,6 +454,11 @@ class Session:
         if self._proto.error is not None and self._error is None:
             self._report_protocol_error(self._proto.error)
 
+    def _take_in_pending(self, data: bytes) -> None:
+        """Direct mode: `data`'s messages join the pending ones, then any error after them."""
+        self._pending.extend(self._take_in(data))
+        self._after_take_in()
+
     async def _reader(self) -> None:
         try:
             while not self._rx_ended:
@@ -486,13 +494,12 @@ class Session:
             try:
                 data = self._stream.read_nowait()
             except _STREAM_ERRORS as exc:
-                self._fail(PeerBrokenError(f"stream from {self.peer_id} broke: {exc!r}", peer_id=self.peer_id))
+                self._broke("from", exc)
                 return False
             if data is None:
                 return True
             self._alive_at = trio.current_time()
-            self._pending.extend(self._take_in(data))
-            self._after_take_in()
+            self._take_in_pending(data)
             if self._rx_ended:
                 return False
         return False

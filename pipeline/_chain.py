@@ -151,7 +151,7 @@ class Chain:
         self._remember(0, position, step_id, hidden)
         try:
             await self._send_step(self.links[0], step_id, position, hidden)
-        except (p2p.P2PError, trio.TooSlowError) as e:    # failover takes it from here
+        except p2p.P2PError as e:    # failover takes it from here
             self.links[0].broken = self.links[0].broken or e
         deadline = trio.current_time() + self.config.step_timeout
         out = await self._read_final(step_id, deadline)
@@ -205,7 +205,7 @@ class Chain:
                 if got is not None and got[0] == step_id:
                     try:
                         await self._send_step(resend_to, step_id, position, got[1])
-                    except (p2p.P2PError, trio.TooSlowError) as e:
+                    except p2p.P2PError as e:
                         resend_to.broken = resend_to.broken or e
                     resend_to = None
             relay = self._push_failed_into(step_id)

@@ -38,10 +38,12 @@ class Echo:
             await session.send(msg)
 
 
-async def _pair(make_host, **server_kwargs):  # type: ignore[no-untyped-def]
+async def _pair(make_host, handler=None, **server_kwargs):  # type: ignore[no-untyped-def]
+    """A client connected to a server whose lane-capable `PROTO` handler is `handler` (an
+    `Echo` by default)."""
     client, server = await make_host(), await make_host(**server_kwargs)
     await client.connect(server.addrs()[0])
-    handler = Echo()
+    handler = handler or Echo()
     server.set_session_handler(PROTO, handler, lane=True)
     return client, server, handler
 
@@ -186,16 +188,13 @@ async def test_lane_sessions_carry_many_concurrent_sessions(make_host) -> None:
 # -- direct reads: on a lane, `receive` reads the socket itself (no reader task) ---------------
 @pytest.mark.parametrize("lane", [True, False], ids=["lane", "libp2p"])
 async def test_messages_before_invalid_bytes_arrive_then_the_error(make_host, lane: bool) -> None:
-    client, server = await make_host(), await make_host()
-    await client.connect(server.addrs()[0])
-
     async def valid_then_garbage(peer: object, session: p2p.Session) -> None:
         await session.receive()
         # one write: a whole valid frame, then bytes that are no frame (a 4 GB length prefix)
         await session._stream.write(b"".join(p2p._wire.encode(Data(7))) + b"\xff" * 16)
         await trio.sleep_forever()
 
-    server.set_session_handler(PROTO, valid_then_garbage, lane=True)
+    client, server, _ = await _pair(make_host, valid_then_garbage)
     async with client.open_session(server.peer_id, PROTO, lane=lane) as session:
         assert session.transport == ("lane" if lane else "libp2p")
         await session.send(Data(1))
@@ -206,15 +205,12 @@ async def test_messages_before_invalid_bytes_arrive_then_the_error(make_host, la
 
 
 async def test_a_lane_takes_in_messages_and_the_goodbye_while_nobody_receives(make_host) -> None:
-    client, server = await make_host(), await make_host()
-    await client.connect(server.addrs()[0])
-
     async def two_then_goodbye(peer: object, session: p2p.Session) -> None:
         await session.receive()
         await session.send(Data(1))
         await session.send(Data(2))
 
-    server.set_session_handler(PROTO, two_then_goodbye, lane=True)
+    client, server, _ = await _pair(make_host, two_then_goodbye)
     async with client.open_session(server.peer_id, PROTO, lane=True) as session:
         assert session.transport == "lane"
         await session.send(Data(0))
@@ -228,15 +224,12 @@ async def test_a_lane_takes_in_messages_and_the_goodbye_while_nobody_receives(ma
 
 
 async def test_a_lane_notices_a_reset_while_nobody_receives(make_host) -> None:
-    client, server = await make_host(), await make_host()
-    await client.connect(server.addrs()[0])
-
     async def reset(peer: object, session: p2p.Session) -> None:
         await session.receive()
         await session._stream.reset()
         await trio.sleep_forever()
 
-    server.set_session_handler(PROTO, reset, lane=True)
+    client, server, _ = await _pair(make_host, reset)
     async with client.open_session(server.peer_id, PROTO, lane=True) as session:
         assert session.transport == "lane"
         await session.send(Data(0))
@@ -244,6 +237,9 @@ async def test_a_lane_notices_a_reset_while_nobody_receives(make_host) -> None:
             while session.failed is None:
                 await trio.sleep(0.01)
         assert isinstance(session.failed, p2p.PeerBrokenError)
+        # seen by the watchdog reading (each 0.2 s), before a heartbeat (after 0.5 s quiet)
+        # would have hit the reset while writing
+        assert "stream from" in str(session.failed)
         with pytest.raises(p2p.PeerBrokenError):
             await session.receive()
         with pytest.raises(p2p.PeerBrokenError):
@@ -262,7 +258,7 @@ async def test_a_flood_of_idle_connections_is_capped_and_sessions_go_on(make_hos
                 await trio.sleep(0.01)
         # one more: closed at once, unread
         extra = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(5):
+        with trio.fail_after(2):  # well before the hello deadline (5 s) would close it
             assert await extra.receive_some(100) == b""
         assert server.lanes.refused >= 1
         await extra.aclose()
