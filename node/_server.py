@@ -454,15 +454,13 @@ class _Pusher:
             except (p2p.P2PError, trio.TooSlowError) as exc:
                 if item is not None:
                     item.sent.set()
-                if not self._stepped:  # only the early open failed: the first step will retry
-                    logger.debug("session %s: opening the push stream to %s ahead failed: %r",
-                                 self.sess.session_id[:8], self._target_peer, exc)
-                    item = None
-                    continue
                 logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
                 reason = f"push to {self._target_peer} failed: {exc!r}"[:1000]
                 self._failed = ((self._target_peer, self._target_session), reason)
-                await self._report(self._last_step_id, reason)
+                # When only the early open failed, no step was taken: the steps queued behind
+                # it are reported at once (above) instead of each waiting out a new dial.
+                if self._stepped:
+                    await self._report(self._last_step_id, reason)
                 item = None
 
     async def _report(self, step_id: int, reason: str) -> None:

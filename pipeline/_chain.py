@@ -6,13 +6,16 @@ back to the client; every node also echoes its output to the client, which keeps
 boundary's inputs (`_history`) so it can replay them.
 
 Failover: a hop whose stream breaks (SIGKILL: milliseconds), whose stream goes silent (SIGSTOP:
-the p2p heartbeat watchdog, about 2.2 s), that an upstream node cannot push to, or that lets a
-step's deadline pass, is replaced by one or more servers covering exactly its blocks (chosen
+the p2p heartbeat watchdog, about 2.2 s), or that lets a step's deadline pass, is replaced by one or more servers covering exactly its blocks (chosen
 from the swarm view, excluding failed peers; waiting up to `failover_deadline` for one to
 appear). The replacement gets the lost span's stored inputs replayed in their original chunking
 (so its cache is bit-identical), is wired between the surviving neighbours, and the interrupted
 step is resent from the replacement. Downstream caches stay valid: a resent step rewrites the
 same positions with the same values. The number of failovers per step is bounded.
+
+A node that cannot push to the next one (a NAT or firewall between two nodes the client itself
+reaches) reports `PushFailed`; the client then tells it to stop pushing and relays between the
+two itself for the rest of the session: one more hop per step, the same tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class _Link:
     # Chain._read_final): `lent` is set then, and the link's own task waits for it to be set.
     lent: trio.Event | None = None
     reading: trio.CancelScope | None = None  # the link task's reading, to stop it when lent
+    # Its node could not push to the next link (a NAT or firewall between them, while the
+    # client reaches both): the node no longer pushes, and the client carries each result on.
+    relay: bool = False
 
     @property
     def start(self) -> int:
@@ -166,8 +172,8 @@ class Chain:
         broken link, a refused step or push, the deadline): the link's own task then reads it
         again and `_await_final` takes over."""
         final = self.links[-1]
-        if any(link.broken is not None for link in self.links) or step_id in self._step_errors \
-                or self._push_failed.get(step_id):
+        if any(link.broken is not None or link.relay for link in self.links) \
+                or step_id in self._step_errors or self._push_failed.get(step_id):
             self._give_back(final)
             return None
         if final.lent is None:  # stop the link's task reading (it waits until given back)
@@ -194,6 +200,7 @@ class Chain:
     async def _await_final(self, step_id: int, position: int, t: int, deadline: float) -> torch.Tensor:
         failovers = 0
         resend_to: _Link | None = None
+        relayed: set[int] = set()            # id() of the links this step was carried to
         while True:
             if step_id in self._final:
                 return self._final.pop(step_id)
@@ -208,17 +215,21 @@ class Chain:
                     except p2p.P2PError as e:
                         resend_to.broken = resend_to.broken or e
                     resend_to = None
-            relay = self._push_failed_into(step_id)
-            if relay is not None and resend_to is None:
-                # The path between two nodes broke, not necessarily either node: re-wire the
-                # upstream (which resets its pusher) and deliver this step to the link ourselves,
-                # from the upstream's echo. A dead link shows up as its own broken stream.
+            await self._carry(step_id, position, relayed)
+            unpushed = self._push_failed_into(step_id)
+            if unpushed is not None:
+                # The path between two nodes broke, not necessarily either node: the upstream
+                # stops pushing, and from now on the client carries its results to the link
+                # (`_carry`, this step included, from the upstream's echo). A dead link shows
+                # up as its own broken stream and is replaced.
+                up = self.links[self.links.index(unpushed) - 1]
+                log.warning("node %s cannot push to %s; the client relays between them",
+                            up.hop.peer_id, unpushed.hop.peer_id)
                 try:
-                    await self._set_next(self.links[self.links.index(relay) - 1], relay)
+                    await self._set_next(up, None)
+                    up.relay = True
                 except (p2p.P2PError, trio.TooSlowError) as e:
-                    up = self.links[self.links.index(relay) - 1]
                     up.broken = up.broken or e
-                resend_to = relay
                 continue
             bad = self._failed_link(step_id, position, deadline)
             if bad is not None:
@@ -233,6 +244,20 @@ class Chain:
             changed = self._changed
             with trio.move_on_at(deadline):
                 await changed.wait()
+
+    async def _carry(self, step_id: int, position: int, carried: set[int]) -> None:
+        """Send this step to each link behind a relaying one, once its input (the relaying
+        link's echo) is in."""
+        for up, link in zip(self.links, self.links[1:]):
+            if not up.relay or id(link) in carried or link.broken is not None:
+                continue
+            got = self._history.get(link.start, {}).get(position)
+            if got is not None and got[0] == step_id:
+                carried.add(id(link))
+                try:
+                    await self._send_step(link, step_id, position, got[1])
+                except p2p.P2PError as e:
+                    link.broken = link.broken or e
 
     def _push_failed_into(self, step_id: int) -> _Link | None:
         """The first link whose upstream reported it could not push this step to it (once)."""
@@ -299,6 +324,7 @@ class Chain:
             self.links[i:i + 1] = new
             if i > 0:
                 up = self.links[i - 1]
+                up.relay = False          # a new neighbour: try pushing to it
                 try:
                     await self._set_next(up, new[0])
                 except (p2p.P2PError, trio.TooSlowError) as e:   # the upstream failed too: next round

@@ -60,10 +60,11 @@ class NodeProcess:
 
 
 def spawn_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start one `run-node` process (stdout piped for its ready line, stderr to `log_path`)."""
+               env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
+    """Start one `run-node` process (stdout piped for its ready line, stderr to `log_path`).
+    `prefix` runs it under another command that execs it, e.g. ``ip netns exec NAME``."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([*run_node_command(), "--model", str(model), *args],
+        return subprocess.Popen([*prefix, *run_node_command(), "--model", str(model), *args],
                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})})
 
@@ -101,9 +102,10 @@ def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -
 
 
 def start_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
-               timeout: float = 120.0, env: dict[str, str] | None = None) -> NodeProcess:
+               timeout: float = 120.0, env: dict[str, str] | None = None,
+               prefix: Sequence[str] = ()) -> NodeProcess:
     """Start one `run-node` and wait until it serves."""
-    return wait_ready(spawn_node(model, args, log_path, env), log_path, timeout)
+    return wait_ready(spawn_node(model, args, log_path, env, prefix), log_path, timeout)
 
 
 class LocalSwarm:

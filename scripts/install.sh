@@ -10,6 +10,7 @@ dpkg -s libgmp-dev >/dev/null 2>&1 || need_apt+=(libgmp-dev)      # fastecdsa (l
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 if [ "${1:-}" = "--test" ]; then
     command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)           # network-namespace tests
+    command -v nft >/dev/null 2>&1 || need_apt+=(nftables)          # (tests/netlab.py)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -1,0 +1,83 @@
+"""The client across a real network partition: `run-node` processes in their own network
+namespaces (see `netlab`), the client in the test's namespace.
+
+Two nodes that cannot reach each other (a NAT or firewall between them drops their packets)
+while the client reaches both: the first node's push fails, the client relays between them,
+and the tokens are exactly the local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import netlab
+from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
+from pipeline.launch import NodeProcess, spawn_node, start_node, wait_ready
+
+pytestmark = pytest.mark.skipif(netlab.available() is not None,
+                                reason=f"no network-namespace lab here: {netlab.available()}")
+
+
+def _args(host: netlab.LabHost, blocks: str, join: list[str] | None) -> list[str]:
+    return ["--blocks", blocks, "--listen", f"/ip4/{host.ip}/tcp/0", "--num-threads", "1",
+            *(["--initial-peers", *join] if join else ["--new-swarm"])]
+
+
+def _stop(nodes: list[NodeProcess]) -> None:
+    for node in nodes:
+        node.signal(signal.SIGTERM)
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait()
+        if node.proc.stdout:
+            node.proc.stdout.close()
+
+
+def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model, tmp_path, caplog):
+    local = LocalModelForCausalLM.from_pretrained(tiny_model)
+    prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
+    expected = local.generate(prompt, max_new_tokens=16, eos_token_id=[])
+    with netlab.NetLab() as lab:
+        hub_host, a_host, b_host = lab.add_host(), lab.add_host(), lab.add_host()
+        lab.cut(a_host, b_host)
+        nodes: list[NodeProcess] = []
+        try:
+            # the hub (all blocks, but kept off the route) joins a and b into one swarm
+            nodes.append(start_node(tiny_model, _args(hub_host, "0:8", None), tmp_path / "hub.log",
+                                    prefix=hub_host.wrap([])))
+            hub = nodes[0]
+            spawned = [(spawn_node(tiny_model, _args(host, blocks, [hub.addr]), tmp_path / f"{name}.log",
+                                   prefix=host.wrap([])), tmp_path / f"{name}.log")
+                       for name, host, blocks in (("a", a_host, "0:4"), ("b", b_host, "4:8"))]
+            for proc, log in spawned:
+                nodes.append(wait_ready(proc, log))
+            a, b = nodes[1], nodes[2]
+            caplog.set_level(logging.WARNING, logger="lamina.client")
+            with DistributedModelForCausalLM.from_pretrained(
+                    tiny_model, initial_peers=[hub.addr], blocked_servers=[hub.peer_id]) as model:
+                with model.inference_session(max_length=64) as session:
+                    started = time.monotonic()
+                    out = model.generate(prompt, max_new_tokens=16, eos_token_id=[], session=session)
+                    took = time.monotonic() - started
+                    assert [hop.peer_id for hop in session.route] == [a.peer_id, b.peer_id]
+                    assert session.chain.links[0].relay and session.chain.failovers == 0
+                    # a second call goes on relayed, without another failed push
+                    more = model.generate(None, max_new_tokens=4, eos_token_id=[], session=session)
+        finally:
+            _stop(nodes)
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.cat([out, more], dim=1), local.generate(prompt, max_new_tokens=20, eos_token_id=[]))
+    relayed = [r for r in caplog.records if "the client relays between them" in r.getMessage()]
+    assert len(relayed) == 1, [r.getMessage() for r in caplog.records]
+    # one dial deadline (10 s) for the push that cannot get through, not one per token (nor
+    # two: the dial opened ahead of the first step counts for it)
+    assert took < 10 + 6, took
