@@ -21,7 +21,9 @@ stale and dropped silently; an equal id is a resend and runs again (idempotent).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -46,6 +48,10 @@ logger = logging.getLogger("lamina.node")
 OPEN_DEADLINE = 10.0  # a new stream must send its first message (OpenSession, PushOpen) by then
 PUSH_QUEUE = 16  # results waiting to be pushed per session before the session slows down
 PUSH_FIRST_WAIT = 0.05  # longest a result's copy to the client waits for its push to go out first
+# Longest a step waits for its push stream to open (the dial may have started earlier, ahead of
+# the first step). Beyond it the push fails and the client relays: a next node that cannot be
+# dialled in this long (a NAT or firewall that drops the packets) costs the session this once.
+PUSH_OPEN_GRACE = 2.0
 
 try:
     VERSION = metadata.version("lamina")
@@ -402,9 +408,16 @@ class _Pusher:
         self._failed: tuple[tuple[str, str], str] | None = None
         # set while the pusher waits for work with a stream open: (target, stream)
         self._ready: tuple[tuple[str, str], p2p.Session] | None = None
+        self._opening: trio.CancelScope | None = None  # while a push stream opens
+
+    def _step_waits(self) -> None:
+        """A step waits for the stream being opened: give the open `PUSH_OPEN_GRACE` more."""
+        if self._opening is not None:
+            self._opening.deadline = min(self._opening.deadline, trio.current_time() + PUSH_OPEN_GRACE)
 
     async def enqueue(self, item: _PushItem) -> None:
         self._ready = None  # from now on the queue goes first
+        self._step_waits()
         await self._send.send(item)
 
     async def send_now(self, peer: str, step: Step) -> bool:
@@ -476,7 +489,7 @@ class _Pusher:
         learn_addrs(self.server.host, item.peer, self.server.peer_addrs(item.peer))
         failure: list[BaseException] = []
         following: _PushItem | None = None
-        async with self.server.host.open_session(item.peer, PUSH_PROTOCOL, lane=True) as stream:
+        async with self._open(item) as stream:
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:
@@ -516,3 +529,21 @@ class _Pusher:
             raise failure[0]
         assert following is not None
         return following
+
+    @asynccontextmanager
+    async def _open(self, item: _PushItem) -> AsyncIterator[p2p.Session]:
+        """The push stream to item's target. While it opens, a step waiting for it gives the
+        open `PUSH_OPEN_GRACE` more (`_step_waits`), beyond which it fails."""
+        with trio.CancelScope() as opening:
+            self._opening = opening
+            if item.step is not None:
+                self._step_waits()
+            try:
+                async with self.server.host.open_session(item.peer, PUSH_PROTOCOL, lane=True) as stream:
+                    self._opening, opening.deadline = None, math.inf
+                    yield stream
+            finally:
+                self._opening = None
+        if opening.cancelled_caught:
+            raise p2p.PeerTimeoutError(f"the push stream to {item.peer} did not open within "
+                                       f"{PUSH_OPEN_GRACE}s of a step waiting for it")

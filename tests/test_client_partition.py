@@ -9,16 +9,15 @@ and the tokens are exactly the local ones.
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import time
 
 import pytest
 import torch
 
 import netlab
+from node._server import PUSH_OPEN_GRACE
 from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
-from pipeline.launch import NodeProcess, spawn_node, start_node, wait_ready
+from pipeline.launch import LocalSwarm, spawn_node, start_node, wait_ready
 
 pytestmark = pytest.mark.skipif(netlab.available() is not None,
                                 reason=f"no network-namespace lab here: {netlab.available()}")
@@ -29,19 +28,6 @@ def _args(host: netlab.LabHost, blocks: str, join: list[str] | None) -> list[str
             *(["--initial-peers", *join] if join else ["--new-swarm"])]
 
 
-def _stop(nodes: list[NodeProcess]) -> None:
-    for node in nodes:
-        node.signal(signal.SIGTERM)
-    for node in nodes:
-        try:
-            node.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
-            node.proc.wait()
-        if node.proc.stdout:
-            node.proc.stdout.close()
-
-
 def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model, tmp_path, caplog):
     local = LocalModelForCausalLM.from_pretrained(tiny_model)
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
@@ -49,7 +35,8 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
     with netlab.NetLab() as lab:
         hub_host, a_host, b_host = lab.add_host(), lab.add_host(), lab.add_host()
         lab.cut(a_host, b_host)
-        nodes: list[NodeProcess] = []
+        swarm = LocalSwarm(tiny_model, [], log_dir=tmp_path)   # holds the nodes, for its stop()
+        nodes = swarm.nodes
         try:
             # the hub (all blocks, but kept off the route) joins a and b into one swarm
             nodes.append(start_node(tiny_model, _args(hub_host, "0:8", None), tmp_path / "hub.log",
@@ -73,11 +60,11 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
                     # a second call goes on relayed, without another failed push
                     more = model.generate(None, max_new_tokens=4, eos_token_id=[], session=session)
         finally:
-            _stop(nodes)
+            swarm.stop()
     assert torch.equal(out, expected)
     assert torch.equal(torch.cat([out, more], dim=1), local.generate(prompt, max_new_tokens=20, eos_token_id=[]))
     relayed = [r for r in caplog.records if "the client relays between them" in r.getMessage()]
     assert len(relayed) == 1, [r.getMessage() for r in caplog.records]
-    # one dial deadline (10 s) for the push that cannot get through, not one per token (nor
-    # two: the dial opened ahead of the first step counts for it)
-    assert took < 10 + 6, took
+    # the first step waits PUSH_OPEN_GRACE for the push stream (not the 10 s dial deadline),
+    # and no later step waits at all
+    assert took < PUSH_OPEN_GRACE + 6, took
