@@ -59,6 +59,28 @@ class ChainConfig:
     show_route: bool = False
 
 
+class Unpushable:
+    """Pairs of nodes (upstream, downstream) where the upstream could not push to the other
+    lately. Shared by one client's sessions: a new session relays between them from its first
+    step instead of waiting out the node's push grace (`PUSH_OPEN_GRACE`) again. An entry
+    expires after `ttl` seconds, after which a session tries the direct push again (a path
+    may heal: a restarted NAT, a forwarded port)."""
+
+    def __init__(self, ttl: float = 300.0) -> None:
+        self.ttl = ttl
+        self._until: dict[tuple[str, str], float] = {}
+
+    def add(self, up: str, down: str) -> None:
+        self._until[(up, down)] = trio.current_time() + self.ttl
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        until = self._until.get(pair)
+        if until is not None and until <= trio.current_time():
+            del self._until[pair]
+            return False
+        return until is not None
+
+
 @dataclass(eq=False)
 class _Link:
     """One hop of the chain: a node's session and the stream to it."""
@@ -89,8 +111,10 @@ class Chain:
     """A session through the swarm covering blocks [0, num_blocks). Use `open`/`step`/`close`."""
 
     def __init__(self, host: p2p.Host, view, model_hash: str, num_blocks: int, *, batch: int,
-                 max_length: int, dtype: torch.dtype, config: ChainConfig) -> None:
+                 max_length: int, dtype: torch.dtype, config: ChainConfig,
+                 unpushable: Unpushable | None = None) -> None:
         self.host, self.view, self.model_hash = host, view, model_hash
+        self.unpushable = unpushable if unpushable is not None else Unpushable()
         self.num_blocks, self.batch, self.max_length = num_blocks, batch, max_length
         self.dtype, self.config = dtype, config
         self.links: list[_Link] = []
@@ -225,9 +249,9 @@ class Chain:
                 up = self.links[self.links.index(unpushed) - 1]
                 log.warning("node %s cannot push to %s; the client relays between them",
                             up.hop.peer_id, unpushed.hop.peer_id)
+                self.unpushable.add(up.hop.peer_id, unpushed.hop.peer_id)
                 try:
-                    await self._set_next(up, None)
-                    up.relay = True
+                    await self._wire(up, unpushed)
                 except (p2p.P2PError, trio.TooSlowError) as e:
                     up.broken = up.broken or e
                 continue
@@ -302,7 +326,8 @@ class Chain:
             nxt = self.links[i + 1] if i + 1 < len(self.links) else None
             route = await self._route(bad.start, bad.end, deadline=deadline)
             try:
-                new = await self._open_links(route, None)
+                # the new hops push to each other during the replay: no relaying among them
+                new = await self._open_links(route, None, may_relay=False)
             except _OpenFailed as e:
                 self._excluded.add(e.peer_id)
                 continue
@@ -310,7 +335,7 @@ class Chain:
                 await self._replay(new, bad.start, position)
                 if nxt is not None:
                     try:
-                        await self._set_next(new[-1], nxt)
+                        await self._wire(new[-1], nxt)
                     except (p2p.P2PError, trio.TooSlowError) as e:
                         new[-1].broken = new[-1].broken or e
                         raise
@@ -324,9 +349,8 @@ class Chain:
             self.links[i:i + 1] = new
             if i > 0:
                 up = self.links[i - 1]
-                up.relay = False          # a new neighbour: try pushing to it
                 try:
-                    await self._set_next(up, new[0])
+                    await self._wire(up, new[0])
                 except (p2p.P2PError, trio.TooSlowError) as e:   # the upstream failed too: next round
                     up.broken = up.broken or e
             if self.config.show_route:
@@ -378,12 +402,12 @@ class Chain:
                 with trio.move_on_at(deadline):
                     await self.view.wait_changed()
 
-    async def _open_links(self, route: list[Hop], nxt: _Link | None) -> list[_Link]:
+    async def _open_links(self, route: list[Hop], nxt: _Link | None, may_relay: bool = True) -> list[_Link]:
         """Open sessions on `route`, last hop first, each pushing to the one after it."""
         links: list[_Link] = []
         for hop in reversed(route):
             try:
-                link = await self._open_link(hop, links[0] if links else nxt)
+                link = await self._open_link(hop, links[0] if links else nxt, may_relay)
             except BaseException:
                 for opened in links:
                     await self._drop(opened, polite=True)
@@ -391,15 +415,16 @@ class Chain:
             links.insert(0, link)
         return links
 
-    async def _open_link(self, hop: Hop, nxt: _Link | None) -> _Link:
+    async def _open_link(self, hop: Hop, nxt: _Link | None, may_relay: bool) -> _Link:
         assert self._nursery is not None
         try:
-            return await self._nursery.start(self._run_link, hop, nxt)
+            return await self._nursery.start(self._run_link, hop, nxt, may_relay)
         except (p2p.P2PError, trio.TooSlowError, OSError) as e:
             log.info("cannot open a session on %s: %s", hop.peer_id, e)
             raise _OpenFailed(hop.peer_id) from e
 
-    async def _run_link(self, hop: Hop, nxt: _Link | None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_link(self, hop: Hop, nxt: _Link | None, may_relay: bool,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own one node's stream for its whole life: open it, read it, close it (a nursery inside
         the p2p session must be entered and left by the same task)."""
         sid = new_session_id()
@@ -408,17 +433,18 @@ class Chain:
                 if not self.host.is_connected(hop.peer_id):
                     await self._connect(hop)
             async with self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL, lane=True) as session:
+                relay = may_relay and self._relays(hop, nxt)
                 with trio.fail_after(self.config.open_timeout):
                     await session.send(OpenSession(
                         session_id=sid, model=self.model_hash, start=hop.start, end=hop.end,
                         max_length=self.max_length, batch=self.batch,
                         dtype=str(self.dtype).removeprefix("torch."),
-                        next_peer=nxt.hop.peer_id if nxt else None,
-                        next_session=nxt.session_id if nxt else None))
+                        next_peer=None if relay or nxt is None else nxt.hop.peer_id,
+                        next_session=None if relay or nxt is None else nxt.session_id))
                     reply = await session.receive()
                 if not isinstance(reply, SessionOpened) or reply.session_id != sid:
                     raise p2p.RemoteProtocolError(f"expected SessionOpened, got {type(reply).__name__}")
-                link = _Link(hop, sid, session, cancel)
+                link = _Link(hop, sid, session, cancel, relay=relay)
                 task_status.started(link)
                 try:
                     while True:
@@ -443,6 +469,15 @@ class Chain:
                 return
             except (p2p.P2PError, OSError, ValueError):
                 continue
+
+    def _relays(self, hop: Hop, nxt: _Link | None) -> bool:
+        """Whether the client carries hop's results to nxt (its node could not push there lately)."""
+        return nxt is not None and (hop.peer_id, nxt.hop.peer_id) in self.unpushable
+
+    async def _wire(self, link: _Link, nxt: _Link) -> None:
+        """Point link's node at nxt, or make the client relay between them (`_relays`)."""
+        link.relay = self._relays(link.hop, nxt)
+        await self._set_next(link, None if link.relay else nxt)
 
     async def _set_next(self, link: _Link, nxt: _Link | None) -> None:
         with trio.fail_after(self.config.open_timeout):

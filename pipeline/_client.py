@@ -28,7 +28,7 @@ import trio
 
 import p2p
 
-from ._chain import Chain, ChainConfig
+from ._chain import Chain, ChainConfig, Unpushable
 from ._checkpoint import Checkpoint, load_client_head
 from ._errors import LaminaError
 from ._generation import GenerationConfig, Streamer, agenerate
@@ -89,6 +89,7 @@ class AsyncDistributedModelForCausalLM:
         self.checkpoint, self.config = checkpoint, checkpoint.config
         self.host, self.view, self.head = host, view, head
         self.options, self.dtype, self._nursery = options, dtype, nursery
+        self._unpushable = Unpushable()   # shared by this client's sessions
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint.path)
         self.model_hash = checkpoint.model_hash
 
@@ -144,7 +145,8 @@ class AsyncDistributedModelForCausalLM:
             raise ValueError(f"max_length {max_length} exceeds the model's "
                              f"{self.config.max_position_embeddings} positions")
         chain = Chain(self.host, self.view, self.model_hash, self.config.num_hidden_layers,
-                      batch=batch, max_length=max_length, dtype=self.dtype, config=self.options.chain)
+                      batch=batch, max_length=max_length, dtype=self.dtype, config=self.options.chain,
+                      unpushable=self._unpushable)
         async with trio.open_nursery() as nursery:
             try:
                 await chain.open(nursery)

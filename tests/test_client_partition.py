@@ -3,7 +3,8 @@ namespaces (see `netlab`), the client in the test's namespace.
 
 Two nodes that cannot reach each other (a NAT or firewall between them drops their packets)
 while the client reaches both: the first node's push fails, the client relays between them,
-and the tokens are exactly the local ones.
+and the tokens are exactly the local ones. The client remembers the pair: its next session
+relays from the first step, with no failed push to wait for.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
                     assert session.chain.links[0].relay and session.chain.failovers == 0
                     # a second call goes on relayed, without another failed push
                     more = model.generate(None, max_new_tokens=4, eos_token_id=[], session=session)
+                # a new session relays from its first step: the client remembers the pair
+                with model.inference_session(max_length=64) as session:
+                    again = model.generate(prompt, max_new_tokens=16, eos_token_id=[], session=session)
+                    assert session.chain.links[0].relay
         finally:
             swarm.stop()
-    assert torch.equal(out, expected)
+    assert torch.equal(out, expected) and torch.equal(again, expected)
     assert torch.equal(torch.cat([out, more], dim=1), local.generate(prompt, max_new_tokens=20, eos_token_id=[]))
     relayed = [r for r in caplog.records if "the client relays between them" in r.getMessage()]
     assert len(relayed) == 1, [r.getMessage() for r in caplog.records]
