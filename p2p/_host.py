@@ -64,8 +64,9 @@ from ._errors import (
 )
 from ._gossip import Gossip
 from ._identity import Identity
-from ._lane import (LANE_CONNECT_DEADLINE, LANE_HELLO_DEADLINE, LANE_TICKET_TTL, LaneDecline, LaneHello,
-                    LaneInvite, LaneListener, LaneStream, LaneUnavailable, connect_lane, lane_ip)
+from ._lane import (LANE_CONNECT_DEADLINE, LANE_HELLO_DEADLINE, LANE_TICKET_TTL, LANE_UNREACHABLE_TTL,
+                    LaneDecline, LaneHello, LaneInvite, LaneListener, LaneStream, LaneUnavailable,
+                    connect_lane, lane_ip)
 from ._logging import quiet_libp2p_logging
 from ._messages import REGISTRY, ErrorMessage, Message
 from ._session import Session, run_session
@@ -218,6 +219,7 @@ class Host:
         self._nursery: trio.Nursery | None = None
         self._primary_ip = _primary_ip()
         self.lanes: LaneListener | None = None  # set while the lane listener is up
+        self._unreachable_lanes: dict[tuple[str, str], float] = {}  # (peer, ip) -> until (trio time)
 
     # -- identity and addresses ------------------------------------------------------------
     @property
@@ -493,6 +495,12 @@ class Host:
         ip = lane_ip(stream)
         if ip is None:
             return None
+        key = (str(session.peer_id), ip)
+        until = self._unreachable_lanes.get(key)
+        if until is not None:
+            if trio.current_time() < until:
+                return None
+            del self._unreachable_lanes[key]
         await session.send(LaneHello())
         reply = await session.receive()
         if type(reply) is LaneUnavailable:
@@ -503,7 +511,9 @@ class Host:
         try:
             return await connect_lane(ip, reply)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p", session.peer_id, ip, reply.port, exc)
+            logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",
+                        session.peer_id, ip, reply.port, exc, LANE_UNREACHABLE_TTL)
+            self._unreachable_lanes[key] = trio.current_time() + LANE_UNREACHABLE_TTL
             await session.send(LaneDecline(repr(exc)[:200]))
             return None
 

@@ -61,6 +61,9 @@ LANE_MAX_PENDING = 256  # unused tickets held at once (more invites are refused:
 # connections that have not presented a ticket yet; more are closed at once (a flood of idle
 # connections costs one task and one descriptor each until the hello deadline)
 LANE_MAX_HANDSHAKES = 64
+# a peer whose lane could not be reached at an IP is not asked for one there again for this
+# long: its sessions go straight to libp2p instead of waiting out LANE_CONNECT_DEADLINE each
+LANE_UNREACHABLE_TTL = 300.0
 ACK = b"ok"
 _LENGTH = struct.Struct(">I")
 _RECV_SIZE = 256 * 1024

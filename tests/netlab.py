@@ -98,6 +98,14 @@ class NetLab:
                 f"  chain in {{ type filter hook input priority 0; ip saddr {there.ip} drop; }}\n"
                 f"}}\n"))
 
+    def drop_inbound(self, host: LabHost, port: int) -> None:
+        """Drop TCP packets to `port` on `host` silently, from everyone (a port a NAT does not
+        forward)."""
+        _run("ip", "netns", "exec", host.netns, "nft", "-f", "-", input=(
+            f"table inet lamina_port_{port} {{\n"
+            f"  chain in {{ type filter hook input priority 0; tcp dport {port} drop; }}\n"
+            f"}}\n"))
+
     def close(self) -> None:
         for host in self.hosts:   # deleting a namespace deletes its veth end and the pair
             subprocess.run(["ip", "netns", "del", host.netns], capture_output=True, timeout=30)

@@ -1,10 +1,12 @@
-"""The client across a real network partition: `run-node` processes in their own network
+"""The client where not everything is reachable: `run-node` processes in their own network
 namespaces (see `netlab`), the client in the test's namespace.
 
-Two nodes that cannot reach each other (a NAT or firewall between them drops their packets)
-while the client reaches both: the first node's push fails, the client relays between them,
-and the tokens are exactly the local ones. The client remembers the pair: its next session
-relays from the first step, with no failed push to wait for.
+* Two nodes that cannot reach each other (a NAT or firewall between them drops their packets)
+  while the client reaches both: the first node's push fails, the client relays between them,
+  and the tokens are exactly the local ones. The client remembers the pair: its next session
+  relays from the first step, with no failed push to wait for.
+* A node whose lane port is not reachable (a NAT forwards only its libp2p port): sessions stay
+  on libp2p with the same tokens, and only the first one waits for the lane to time out.
 """
 
 from __future__ import annotations
@@ -73,3 +75,30 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
     # the first step waits PUSH_OPEN_GRACE for the push stream (not the 10 s dial deadline),
     # and no later step waits at all
     assert took < PUSH_OPEN_GRACE + 6, took
+
+
+def test_an_unreachable_lane_port_falls_back_to_libp2p_once(tiny_model, tmp_path, caplog):
+    local = LocalModelForCausalLM.from_pretrained(tiny_model)
+    prompt = torch.tensor([local.tokenizer.encode("Once upon a time")])
+    expected = local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    lane_port = 7101
+    with netlab.NetLab() as lab:
+        host = lab.add_host()
+        lab.drop_inbound(host, lane_port)
+        swarm = LocalSwarm(tiny_model, [], log_dir=tmp_path)   # holds the node, for its stop()
+        try:
+            swarm.nodes.append(start_node(tiny_model, [*_args(host, "0:8", None), "--lane-port", str(lane_port)],
+                                          tmp_path / "node.log", prefix=host.wrap([])))
+            caplog.set_level(logging.INFO, logger="lamina.p2p")
+            with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=[swarm.nodes[0].addr]) as model:
+                outs, transports = [], []
+                for _ in range(2):
+                    with model.inference_session(max_length=64) as session:
+                        outs.append(model.generate(prompt, max_new_tokens=8, eos_token_id=[], session=session))
+                        transports.append(session.chain.links[0].session.transport)
+        finally:
+            swarm.stop()
+    assert transports == ["libp2p", "libp2p"]
+    assert all(torch.equal(out, expected) for out in outs)
+    unreachable = [r for r in caplog.records if "cannot reach the lane" in r.getMessage()]
+    assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
