@@ -51,7 +51,9 @@ PUSH_FIRST_WAIT = 0.05  # longest a result's copy to the client waits for its pu
 # Longest a step waits for its push stream to open (the dial may have started earlier, ahead of
 # the first step). Beyond it the push fails and the client relays: a next node that cannot be
 # dialled in this long (a NAT or firewall that drops the packets) costs the session this once.
-PUSH_OPEN_GRACE = 2.0
+# Longer than a lane set-up that times out and stays on libp2p (a lane port not forwarded):
+# that next node is reachable, and must not be relayed around.
+PUSH_OPEN_GRACE = p2p.constants.LANE_CONNECT_DEADLINE + 1.0
 
 try:
     VERSION = metadata.version("lamina")

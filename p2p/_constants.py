@@ -46,6 +46,18 @@ DIAL_DEADLINE = 10.0
 IDENTIFY_WAIT = 5.0  # how long a new connection may take to be identified before DHT seeding
 BOOTSTRAP_DEADLINE = 15.0
 
+# --- direct lanes (_lane.py) ---------------------------------------------------------------
+LANE_TICKET_TTL = 10.0  # an invite's ticket must be used within this long
+LANE_HELLO_DEADLINE = 5.0  # a new lane connection must present its ticket within this long
+LANE_CONNECT_DEADLINE = 2.0  # client: TCP connect + hello + acknowledgement
+LANE_MAX_PENDING = 256  # unused tickets held at once (more invites are refused: LaneUnavailable)
+# connections that have not presented a ticket yet; more are closed at once (a flood of idle
+# connections costs one task and one descriptor each until the hello deadline)
+LANE_MAX_HANDSHAKES = 64
+# a peer whose lane could not be reached at an IP is not asked for one there again for this
+# long: its sessions go straight to libp2p instead of waiting out LANE_CONNECT_DEADLINE each
+LANE_UNREACHABLE_TTL = 300.0
+
 # --- gossip --------------------------------------------------------------------------------
 GOSSIP_MAX_MESSAGE_SIZE = 64 * 1024
 GOSSIP_MAX_RPC_SIZE = 1024 * 1024  # one inbound pubsub RPC may batch several messages

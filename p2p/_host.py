@@ -44,6 +44,10 @@ from ._constants import (
     DIAL_DEADLINE,
     GOSSIP_MAX_MESSAGE_SIZE,
     IDENTIFY_WAIT,
+    LANE_CONNECT_DEADLINE,
+    LANE_HELLO_DEADLINE,
+    LANE_TICKET_TTL,
+    LANE_UNREACHABLE_TTL,
     MAX_FRAME_SIZE,
     OPEN_STREAM_DEADLINE,
     RESET_DEADLINE,
@@ -64,8 +68,7 @@ from ._errors import (
 )
 from ._gossip import Gossip
 from ._identity import Identity
-from ._lane import (LANE_CONNECT_DEADLINE, LANE_HELLO_DEADLINE, LANE_TICKET_TTL, LANE_UNREACHABLE_TTL,
-                    LaneDecline, LaneHello, LaneInvite, LaneListener, LaneStream, LaneUnavailable,
+from ._lane import (LaneDecline, LaneHello, LaneInvite, LaneListener, LaneStream, LaneUnavailable,
                     connect_lane, lane_ip)
 from ._logging import quiet_libp2p_logging
 from ._messages import REGISTRY, ErrorMessage, Message
@@ -511,9 +514,13 @@ class Host:
         try:
             return await connect_lane(ip, reply)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",
-                        session.peer_id, ip, reply.port, exc, LANE_UNREACHABLE_TTL)
-            self._unreachable_lanes[key] = trio.current_time() + LANE_UNREACHABLE_TTL
+            if isinstance(exc, (OSError, trio.TooSlowError)):  # not reached, not just closed on us
+                logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",
+                            session.peer_id, ip, reply.port, exc, LANE_UNREACHABLE_TTL)
+                self._unreachable_lanes[key] = trio.current_time() + LANE_UNREACHABLE_TTL
+            else:
+                logger.info("the lane of %s at %s:%d failed (%r); staying on libp2p",
+                            session.peer_id, ip, reply.port, exc)
             await session.send(LaneDecline(repr(exc)[:200]))
             return None
 

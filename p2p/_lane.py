@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ._constants import (LANE_CONNECT_DEADLINE, LANE_HELLO_DEADLINE, LANE_MAX_HANDSHAKES, LANE_MAX_PENDING,
+                         LANE_TICKET_TTL)
 from ._messages import field, message, Message
 
 logger = logging.getLogger("lamina.p2p")
@@ -54,16 +56,6 @@ TICKET_SIZE = 16
 KEY_SIZE = 32
 TAG_SIZE = 16
 RECORD_MAX = 256 * 1024  # plaintext bytes per record
-LANE_TICKET_TTL = 10.0  # an invite's ticket must be used within this long
-LANE_HELLO_DEADLINE = 5.0  # a new lane connection must present its ticket within this long
-LANE_CONNECT_DEADLINE = 2.0  # client: TCP connect + hello + acknowledgement
-LANE_MAX_PENDING = 256  # unused tickets held at once (more invites are refused: LaneUnavailable)
-# connections that have not presented a ticket yet; more are closed at once (a flood of idle
-# connections costs one task and one descriptor each until the hello deadline)
-LANE_MAX_HANDSHAKES = 64
-# a peer whose lane could not be reached at an IP is not asked for one there again for this
-# long: its sessions go straight to libp2p instead of waiting out LANE_CONNECT_DEADLINE each
-LANE_UNREACHABLE_TTL = 300.0
 ACK = b"ok"
 _LENGTH = struct.Struct(">I")
 _RECV_SIZE = 256 * 1024

@@ -96,8 +96,11 @@ async def test_an_unreachable_lane_falls_back_to_libp2p(make_host, monkeypatch) 
     probe.close()
     real_invite = server.lanes.invite
 
+    invites = []
+
     def invite_to_closed_port():  # type: ignore[no-untyped-def]
         invite, ticket = real_invite()
+        invites.append(ticket)
         return _lane.LaneInvite(closed_port, invite.ticket, invite.key), ticket
 
     monkeypatch.setattr(server.lanes, "invite", invite_to_closed_port)
@@ -106,6 +109,11 @@ async def test_an_unreachable_lane_falls_back_to_libp2p(make_host, monkeypatch) 
         await _round_trips(session)
     assert handler.transports == ["libp2p"]
     assert not server.lanes._tickets  # the unused ticket was withdrawn
+    # the client remembers: its next session does not ask for a lane there again
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        assert session.transport == "libp2p"
+        await _round_trips(session)
+    assert len(invites) == 1 and handler.transports == ["libp2p", "libp2p"]
 
 
 async def _raw_lane_connection(port: int, payload: bytes) -> bytes:
