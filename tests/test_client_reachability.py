@@ -78,27 +78,34 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
 
 
 def test_an_unreachable_lane_port_falls_back_to_libp2p_once(tiny_model, tmp_path, caplog):
+    """b's lane port drops packets: the client's session with b and a's push to b stay on
+    libp2p (a does not give up on b: the lane's time-out is shorter than the push grace)."""
     local = LocalModelForCausalLM.from_pretrained(tiny_model)
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time")])
     expected = local.generate(prompt, max_new_tokens=8, eos_token_id=[])
     lane_port = 7101
     with netlab.NetLab() as lab:
-        host = lab.add_host()
-        lab.drop_inbound(host, lane_port)
-        swarm = LocalSwarm(tiny_model, [], log_dir=tmp_path)   # holds the node, for its stop()
+        a_host, b_host = lab.add_host(), lab.add_host()
+        lab.drop_inbound(b_host, lane_port)
+        swarm = LocalSwarm(tiny_model, [], log_dir=tmp_path)   # holds the nodes, for its stop()
         try:
-            swarm.nodes.append(start_node(tiny_model, [*_args(host, "0:8", None), "--lane-port", str(lane_port)],
-                                          tmp_path / "node.log", prefix=host.wrap([])))
+            swarm.nodes.append(start_node(tiny_model, _args(a_host, "0:4", None), tmp_path / "a.log",
+                                          prefix=a_host.wrap([])))
+            swarm.nodes.append(start_node(
+                tiny_model, [*_args(b_host, "4:8", [swarm.nodes[0].addr]), "--lane-port", str(lane_port)],
+                tmp_path / "b.log", prefix=b_host.wrap([])))
             caplog.set_level(logging.INFO, logger="lamina.p2p")
             with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=[swarm.nodes[0].addr]) as model:
-                outs, transports = [], []
+                outs, transports, relays = [], [], []
                 for _ in range(2):
                     with model.inference_session(max_length=64) as session:
                         outs.append(model.generate(prompt, max_new_tokens=8, eos_token_id=[], session=session))
-                        transports.append(session.chain.links[0].session.transport)
+                        transports.append([link.session.transport for link in session.chain.links])
+                        relays.append(session.chain.links[0].relay)
         finally:
             swarm.stop()
-    assert transports == ["libp2p", "libp2p"]
+    assert transports == [["lane", "libp2p"], ["lane", "libp2p"]]
+    assert relays == [False, False]
     assert all(torch.equal(out, expected) for out in outs)
     unreachable = [r for r in caplog.records if "cannot reach the lane" in r.getMessage()]
     assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
