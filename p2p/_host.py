@@ -517,7 +517,10 @@ class Host:
             if isinstance(exc, (OSError, trio.TooSlowError)):  # not reached, not just closed on us
                 logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",
                             session.peer_id, ip, reply.port, exc, LANE_UNREACHABLE_TTL)
-                self._unreachable_lanes[key] = trio.current_time() + LANE_UNREACHABLE_TTL
+                now = trio.current_time()
+                if len(self._unreachable_lanes) >= 1024:  # forget stale entries
+                    self._unreachable_lanes = {k: t for k, t in self._unreachable_lanes.items() if t > now}
+                self._unreachable_lanes[key] = now + LANE_UNREACHABLE_TTL
             else:
                 logger.info("the lane of %s at %s:%d failed (%r); staying on libp2p",
                             session.peer_id, ip, reply.port, exc)

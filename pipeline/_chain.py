@@ -6,16 +6,18 @@ back to the client; every node also echoes its output to the client, which keeps
 boundary's inputs (`_history`) so it can replay them.
 
 Failover: a hop whose stream breaks (SIGKILL: milliseconds), whose stream goes silent (SIGSTOP:
-the p2p heartbeat watchdog, about 2.2 s), or that lets a step's deadline pass, is replaced by one or more servers covering exactly its blocks (chosen
-from the swarm view, excluding failed peers; waiting up to `failover_deadline` for one to
-appear). The replacement gets the lost span's stored inputs replayed in their original chunking
-(so its cache is bit-identical), is wired between the surviving neighbours, and the interrupted
-step is resent from the replacement. Downstream caches stay valid: a resent step rewrites the
-same positions with the same values. The number of failovers per step is bounded.
+the p2p heartbeat watchdog, about 2.2 s), or that lets a step's deadline pass, is replaced by
+one or more servers covering exactly its blocks (chosen from the swarm view, excluding failed
+peers; waiting up to `failover_deadline` for one to appear). The replacement gets the lost
+span's stored inputs replayed in their original chunking (so its cache is bit-identical), is
+wired between the surviving neighbours, and the interrupted step is resent from the
+replacement. Downstream caches stay valid: a resent step rewrites the same positions with the
+same values. The number of failovers per step is bounded.
 
 A node that cannot push to the next one (a NAT or firewall between two nodes the client itself
 reaches) reports `PushFailed`; the client then tells it to stop pushing and relays between the
-two itself for the rest of the session: one more hop per step, the same tokens.
+two itself for the rest of the session: one more hop per step, the same tokens. The client
+remembers the pair (`Unpushable`), so its next sessions relay between them from the start.
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ class Unpushable:
         self._until: dict[tuple[str, str], float] = {}
 
     def add(self, up: str, down: str) -> None:
-        self._until[(up, down)] = trio.current_time() + self.ttl
+        now = trio.current_time()
+        if len(self._until) >= 1024:  # a long-lived client meets many pairs: forget stale ones
+            self._until = {pair: until for pair, until in self._until.items() if until > now}
+        self._until[(up, down)] = now + self.ttl
 
     def __contains__(self, pair: tuple[str, str]) -> bool:
         until = self._until.get(pair)
