@@ -41,6 +41,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from ._constants import (
     BOOTSTRAP_DEADLINE,
     DEFAULT_MAX_CONCURRENT_PER_PEER,
+    DHT_QUERY_DEADLINE,
     DIAL_DEADLINE,
     GOSSIP_MAX_MESSAGE_SIZE,
     IDENTIFY_WAIT,
@@ -900,10 +901,18 @@ async def _bootstrap(host: Host) -> None:
             with trio.move_on_after(IDENTIFY_WAIT):
                 while not host.dht.routing_table_peers():
                     await trio.sleep(0.02)
-            try:
-                await host.dht.refresh()
-            except Exception as exc:
-                logger.warning("DHT bootstrap lookup failed: %r", exc)
     if not connected:
         logger.warning("no bootstrap peer reachable; running alone")
+    elif host.dht is not None and host._nursery is not None:
+        # In the background: the lookup asks peers it learns of, and one that does not answer
+        # (a frozen process, a sleeping laptop) held the host's start for the whole deadline.
+        host._nursery.start_soon(_refresh_dht, host.dht)
+
+
+async def _refresh_dht(dht: DHT) -> None:
+    with trio.move_on_after(DHT_QUERY_DEADLINE):
+        try:
+            await dht.refresh()
+        except Exception as exc:  # py-libp2p raises assorted errors; a lookup must not kill the host
+            logger.warning("DHT bootstrap lookup failed: %r", exc)
 

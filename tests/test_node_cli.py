@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ import p2p
 from pipeline import load_span, model_hash
 from pipeline._protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, SessionOpened, Step,
                                 StepResult, new_session_id)
+from pipeline.launch import LocalSwarm
 
 STARTUP_DEADLINE = 90  # a cold start imports torch and py-libp2p on shared cores
 SERVING = re.compile(r"^serving blocks (\d+):(\d+) at (.+)$")
@@ -159,3 +161,19 @@ async def test_num_blocks_fills_the_uncovered_span(micro_model, tmp_path) -> Non
             first.proc.send_signal(signal.SIGTERM)
             assert await second.wait_exit() == 0
             assert await first.wait_exit() == 0
+
+
+def test_a_frozen_peer_does_not_hold_up_a_joining_node(tiny_model, tmp_path) -> None:
+    """One peer of the swarm is frozen (SIGSTOP, a sleeping laptop): a node joining through
+    another peer serves as soon as it does when all are alive. (Its DHT lookup asks the frozen
+    peer; it used to hold the start for the whole bootstrap deadline, 15 s.)"""
+    with LocalSwarm(tiny_model, [(0, 4), (4, 8)], log_dir=tmp_path) as swarm:
+        started = time.monotonic()
+        swarm.add_node(0, 8)
+        alive = time.monotonic() - started
+        swarm.nodes[1].signal(signal.SIGSTOP)
+        started = time.monotonic()
+        swarm.add_node(0, 8)
+        frozen = time.monotonic() - started
+        swarm.nodes[1].signal(signal.SIGCONT)
+    assert frozen < alive + p2p.constants.BOOTSTRAP_DEADLINE / 2, (alive, frozen)
