@@ -62,7 +62,7 @@ def main() -> None:
     import torch
 
     from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
-    from pipeline.launch import LocalSwarm, spawn_node, start_node, wait_ready
+    from pipeline.launch import LocalSwarm, start_node
     from pipeline.tiny import write_tiny_model
 
     why = netlab.available()
@@ -88,11 +88,9 @@ def main() -> None:
             swarm.nodes.append(start_node(path, node_args(a2, first_half, None), Path(tmp) / "a2.log",
                                           prefix=a2.wrap([])))
             boot = swarm.nodes[0].addr
-            spawned = [(spawn_node(path, node_args(h, blocks, boot), Path(tmp) / f"{name}.log", prefix=h.wrap([])),
-                        Path(tmp) / f"{name}.log")
-                       for name, h, blocks in (("b2", b2, second_half), ("a1", a1, first_half), ("b1", b1, second_half))]
-            for proc, log in spawned:
-                swarm.nodes.append(wait_ready(proc, log))
+            for name, h, blocks in (("b2", b2, second_half), ("a1", a1, first_half), ("b1", b1, second_half)):
+                swarm.nodes.append(start_node(path, node_args(h, blocks, boot), Path(tmp) / f"{name}.log",
+                                              prefix=h.wrap([])))
             direct_ids = [swarm.nodes[0].peer_id, swarm.nodes[1].peer_id]
             relayed_ids = [swarm.nodes[2].peer_id, swarm.nodes[3].peer_id]
             max_length = prompt.shape[1] + args.new_tokens

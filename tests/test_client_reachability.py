@@ -24,7 +24,7 @@ import netlab
 from crdt import peer_id_to_str
 from node._server import PUSH_OPEN_GRACE
 from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
-from pipeline.launch import LocalSwarm, spawn_node, start_node, wait_ready
+from pipeline.launch import LocalSwarm, start_node
 
 pytestmark = pytest.mark.skipif(netlab.available() is not None,
                                 reason=f"no network-namespace lab here: {netlab.available()}")
@@ -49,11 +49,9 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
             nodes.append(start_node(tiny_model, _args(hub_host, "0:8", None), tmp_path / "hub.log",
                                     prefix=hub_host.wrap([])))
             hub = nodes[0]
-            spawned = [(spawn_node(tiny_model, _args(host, blocks, [hub.addr]), tmp_path / f"{name}.log",
-                                   prefix=host.wrap([])), tmp_path / f"{name}.log")
-                       for name, host, blocks in (("a", a_host, "0:4"), ("b", b_host, "4:8"))]
-            for proc, log in spawned:
-                nodes.append(wait_ready(proc, log))
+            for name, host, blocks in (("a", a_host, "0:4"), ("b", b_host, "4:8")):
+                nodes.append(start_node(tiny_model, _args(host, blocks, [hub.addr]), tmp_path / f"{name}.log",
+                                        prefix=host.wrap([])))
             a, b = nodes[1], nodes[2]
             caplog.set_level(logging.WARNING, logger="lamina.client")
             with DistributedModelForCausalLM.from_pretrained(
