@@ -22,8 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _clock import TokenClock
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
@@ -38,17 +39,9 @@ def serve(kind: str, path: str, config: str, new_tokens: int) -> None:
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
 
     def rate(generate) -> float:
-        times: list[float] = []
-
-        class Clock:
-            def put(self, value) -> None:
-                times.append(time.perf_counter())
-
-            def end(self) -> None:
-                pass
-
-        generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=Clock())
-        return (len(times) - 2) / (times[-1] - times[1])  # times[0] is the prompt
+        clock = TokenClock()
+        generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+        return clock.decode_tok_s()
 
     def loop(generate) -> None:
         rate(generate)  # warm up

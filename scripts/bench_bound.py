@@ -31,34 +31,15 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _clock import TokenClock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
 _HEADER = struct.Struct("<II")  # position, tokens
-
-
-class Clock:
-    """A streamer recording when each new token came out (HF put/end protocol)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.first = True
-
-    def put(self, value) -> None:
-        if self.first:
-            self.first = False
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def ms_per_token(self) -> float:
-        return (self.times[-1] - self.times[0]) / (len(self.times) - 1) * 1e3
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
@@ -146,7 +127,7 @@ def role_generator(kind: str, path: str, spans: str, new_tokens: int) -> None:
         for line in sys.stdin:
             if line.strip() != "gen":
                 break
-            clock = Clock()
+            clock = TokenClock()
             out = generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
             print(json.dumps({"ms": clock.ms_per_token(), "tokens": out[0].tolist()}), flush=True)
     finally:

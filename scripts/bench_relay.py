@@ -23,8 +23,9 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _clock import TokenClock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,30 +34,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 SPLIT = {"tiny": ("0:4", "4:8"), "small": ("0:8", "8:16")}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.t0 = time.perf_counter()
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def ttft(self) -> float:
-        return self.times[1] - self.t0   # times[0] is the prompt
-
-    def decode(self) -> float:
-        return (len(self.times) - 2) / (self.times[-1] - self.times[1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2: the first session is reported apart from the others")
 
     import netlab
     import torch
@@ -103,13 +88,13 @@ def main() -> None:
                 equal = True
                 for _ in range(args.rounds):
                     for name, model in sides.items():
-                        clock = Clock()
+                        clock = TokenClock()
                         with model.inference_session(max_length=max_length) as session:
                             out = model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[],
                                                  streamer=clock, session=session)
                             relay[name].append(session.chain.links[0].relay)
                         ttft[name].append(clock.ttft())
-                        rates[name].append(clock.decode())
+                        rates[name].append(clock.decode_tok_s())
                         equal = equal and torch.equal(out, expected)
         finally:
             swarm.stop()

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from _clock import TokenClock
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM  # noqa: E402
@@ -42,38 +44,12 @@ SPLITS = {  # config -> node count -> spans
 FAILOVER = {"tiny": [(0, 3), (3, 6), (3, 6), (6, 8)], "small": [(0, 6), (6, 11), (6, 11), (11, 16)]}
 
 
-class Clock:
-    """A streamer recording when each new token came out (HF put/end protocol)."""
-
-    def __init__(self, on_token=None) -> None:
-        self.t0 = time.perf_counter()
-        self.times: list[float] = []
-        self.first = True
-        self.on_token = on_token
-
-    def put(self, value) -> None:
-        if self.first:
-            self.first = False
-            return
-        self.times.append(time.perf_counter())
-        if self.on_token:
-            self.on_token(len(self.times))
-
-    def end(self) -> None:
-        pass
-
-    def stats(self) -> tuple[float, float]:
-        ttft = self.times[0] - self.t0
-        decode = (len(self.times) - 1) / (self.times[-1] - self.times[0])
-        return ttft, decode
-
-
 def run(generate, prompt, new_tokens, repeats):
     best_ttft, best_decode, out = float("inf"), 0.0, None
     for _ in range(repeats):
-        clock = Clock()
+        clock = TokenClock()
         out = generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
-        ttft, decode = clock.stats()
+        ttft, decode = clock.ttft(), clock.decode_tok_s()
         best_ttft, best_decode = min(best_ttft, ttft), max(best_decode, decode)
     return best_ttft, best_decode, out
 
@@ -134,7 +110,7 @@ def failover(path: Path, spans, prompt, expected, args) -> dict:
                     killed["t"] = time.perf_counter()
                     killed["index"] = count
 
-            clock = Clock(on_token)
+            clock = TokenClock(on_token)
             out = model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[],
                                  streamer=clock, session=session)
             stall = clock.times[killed["index"]] - killed["t"]
