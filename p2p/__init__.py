@@ -45,6 +45,7 @@ from ._errors import (
     RemoteProtocolError,
     UnsupportedProtocolError,
 )
+from ._expiring import ExpiringSet
 from ._gossip import Gossip, GossipMessage, GossipSubscription
 from ._host import Host, HostConfig, PeerCallback, SessionHandler, UnaryHandler, open_host, serve_host
 from ._identity import Identity, peer_id_from_public_key, verify_signature
@@ -69,6 +70,7 @@ __all__ = [
     "SessionHandler",
     "PeerCallback",
     "Session",
+    "ExpiringSet",
     # messages and wire format
     "Message",
     "message",

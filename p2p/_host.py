@@ -68,6 +68,7 @@ from ._errors import (
     reraise_single,
 )
 from ._gossip import Gossip
+from ._expiring import ExpiringSet
 from ._identity import Identity
 from ._lane import (LaneDecline, LaneHello, LaneInvite, LaneListener, LaneStream, LaneUnavailable,
                     connect_lane, lane_ip)
@@ -223,7 +224,7 @@ class Host:
         self._nursery: trio.Nursery | None = None
         self._primary_ip = _primary_ip()
         self.lanes: LaneListener | None = None  # set while the lane listener is up
-        self._unreachable_lanes: dict[tuple[str, str], float] = {}  # (peer, ip) -> until (trio time)
+        self._unreachable_lanes = ExpiringSet(LANE_UNREACHABLE_TTL)  # (peer, ip) whose lane was not reached
 
     # -- identity and addresses ------------------------------------------------------------
     @property
@@ -500,11 +501,8 @@ class Host:
         if ip is None:
             return None
         key = (str(session.peer_id), ip)
-        until = self._unreachable_lanes.get(key)
-        if until is not None:
-            if trio.current_time() < until:
-                return None
-            del self._unreachable_lanes[key]
+        if key in self._unreachable_lanes:
+            return None
         await session.send(LaneHello())
         reply = await session.receive()
         if type(reply) is LaneUnavailable:
@@ -518,10 +516,7 @@ class Host:
             if isinstance(exc, (OSError, trio.TooSlowError)):  # not reached, not just closed on us
                 logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",
                             session.peer_id, ip, reply.port, exc, LANE_UNREACHABLE_TTL)
-                now = trio.current_time()
-                if len(self._unreachable_lanes) >= 1024:  # forget stale entries
-                    self._unreachable_lanes = {k: t for k, t in self._unreachable_lanes.items() if t > now}
-                self._unreachable_lanes[key] = now + LANE_UNREACHABLE_TTL
+                self._unreachable_lanes.add(key)
             else:
                 logger.info("the lane of %s at %s:%d failed (%r); staying on libp2p",
                             session.peer_id, ip, reply.port, exc)

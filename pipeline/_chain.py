@@ -17,7 +17,7 @@ same values. The number of failovers per step is bounded.
 A node that cannot push to the next one (a NAT or firewall between two nodes the client itself
 reaches) reports `PushFailed`; the client then tells it to stop pushing and relays between the
 two itself for the rest of the session: one more hop per step, the same tokens. The client
-remembers the pair (`Unpushable`), so its next sessions relay between them from the start.
+remembers the pair (`UNPUSHABLE_TTL`), so its next sessions relay between them from the start.
 """
 
 from __future__ import annotations
@@ -61,29 +61,12 @@ class ChainConfig:
     show_route: bool = False
 
 
-class Unpushable:
-    """Pairs of nodes (upstream, downstream) where the upstream could not push to the other
-    lately. Shared by one client's sessions: a new session relays between them from its first
-    step instead of waiting out the node's push grace (`PUSH_OPEN_GRACE`) again. An entry
-    expires after `ttl` seconds, after which a session tries the direct push again (a path
-    may heal: a restarted NAT, a forwarded port)."""
+UNPUSHABLE_TTL = 300.0  # seconds a pair that could not push is relayed without trying again
 
-    def __init__(self, ttl: float = 300.0) -> None:
-        self.ttl = ttl
-        self._until: dict[tuple[str, str], float] = {}
 
-    def add(self, up: str, down: str) -> None:
-        now = trio.current_time()
-        if len(self._until) >= 1024:  # a long-lived client meets many pairs: forget stale ones
-            self._until = {pair: until for pair, until in self._until.items() if until > now}
-        self._until[(up, down)] = now + self.ttl
-
-    def __contains__(self, pair: tuple[str, str]) -> bool:
-        until = self._until.get(pair)
-        if until is not None and until <= trio.current_time():
-            del self._until[pair]
-            return False
-        return until is not None
+def unpushable_pairs() -> p2p.ExpiringSet:
+    """The client's memory of node pairs that could not push (see `Chain`)."""
+    return p2p.ExpiringSet(UNPUSHABLE_TTL)
 
 
 @dataclass(eq=False)
@@ -117,9 +100,12 @@ class Chain:
 
     def __init__(self, host: p2p.Host, view, model_hash: str, num_blocks: int, *, batch: int,
                  max_length: int, dtype: torch.dtype, config: ChainConfig,
-                 unpushable: Unpushable | None = None) -> None:
+                 unpushable: p2p.ExpiringSet | None = None) -> None:
         self.host, self.view, self.model_hash = host, view, model_hash
-        self.unpushable = unpushable if unpushable is not None else Unpushable()
+        # (upstream, downstream) peers where the upstream could not push lately; shared by one
+        # client's sessions, so a new session relays between them from its first step instead
+        # of waiting out the node's push grace again (a path may heal: entries expire)
+        self.unpushable = unpushable if unpushable is not None else unpushable_pairs()
         self.num_blocks, self.batch, self.max_length = num_blocks, batch, max_length
         self.dtype, self.config = dtype, config
         self.links: list[_Link] = []
@@ -254,7 +240,7 @@ class Chain:
                 up = self.links[self.links.index(unpushed) - 1]
                 log.warning("node %s cannot push to %s; the client relays between them",
                             up.hop.peer_id, unpushed.hop.peer_id)
-                self.unpushable.add(up.hop.peer_id, unpushed.hop.peer_id)
+                self.unpushable.add((up.hop.peer_id, unpushed.hop.peer_id))
                 try:
                     await self._wire(up, unpushed)
                 except (p2p.P2PError, trio.TooSlowError) as e:

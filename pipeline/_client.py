@@ -28,7 +28,7 @@ import trio
 
 import p2p
 
-from ._chain import Chain, ChainConfig, Unpushable
+from ._chain import Chain, ChainConfig, unpushable_pairs
 from ._checkpoint import Checkpoint, load_client_head
 from ._errors import LaminaError
 from ._generation import GenerationConfig, Streamer, agenerate
@@ -89,7 +89,7 @@ class AsyncDistributedModelForCausalLM:
         self.checkpoint, self.config = checkpoint, checkpoint.config
         self.host, self.view, self.head = host, view, head
         self.options, self.dtype, self._nursery = options, dtype, nursery
-        self._unpushable = Unpushable()   # shared by this client's sessions
+        self._unpushable = unpushable_pairs()   # shared by this client's sessions
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint.path)
         self.model_hash = checkpoint.model_hash
 

@@ -30,13 +30,17 @@ pytestmark = pytest.mark.skipif(netlab.available() is not None,
                                 reason=f"no network-namespace lab here: {netlab.available()}")
 
 
+@pytest.fixture(scope="module")
+def local(tiny_model):
+    return LocalModelForCausalLM.from_pretrained(tiny_model)
+
+
 def _args(host: netlab.LabHost, blocks: str, join: list[str] | None) -> list[str]:
     return ["--blocks", blocks, "--listen", f"/ip4/{host.ip}/tcp/0", "--num-threads", "1",
             *(["--initial-peers", *join] if join else ["--new-swarm"])]
 
 
-def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model, tmp_path, caplog):
-    local = LocalModelForCausalLM.from_pretrained(tiny_model)
+def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model, local, tmp_path, caplog):
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
     expected = local.generate(prompt, max_new_tokens=16, eos_token_id=[])
     with netlab.NetLab() as lab:
@@ -85,8 +89,7 @@ async def _sees(view, model_hash: str, peer_id: str) -> None:
             await view.wait_changed()
 
 
-def test_a_relayed_node_that_dies_is_replaced_and_pushed_to_directly(tiny_model, tmp_path):
-    local = LocalModelForCausalLM.from_pretrained(tiny_model)
+def test_a_relayed_node_that_dies_is_replaced_and_pushed_to_directly(tiny_model, local, tmp_path):
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
     expected = local.generate(prompt, max_new_tokens=24, eos_token_id=[])
     with netlab.NetLab() as lab:
@@ -119,10 +122,9 @@ def test_a_relayed_node_that_dies_is_replaced_and_pushed_to_directly(tiny_model,
     assert torch.equal(torch.cat([first, more], dim=1), expected)
 
 
-def test_an_unreachable_lane_port_falls_back_to_libp2p_once(tiny_model, tmp_path, caplog):
+def test_an_unreachable_lane_port_falls_back_to_libp2p_once(tiny_model, local, tmp_path, caplog):
     """b's lane port drops packets: the client's session with b and a's push to b stay on
     libp2p (a does not give up on b: the lane's time-out is shorter than the push grace)."""
-    local = LocalModelForCausalLM.from_pretrained(tiny_model)
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time")])
     expected = local.generate(prompt, max_new_tokens=8, eos_token_id=[])
     lane_port = 7101

@@ -383,3 +383,21 @@ def test_stream_endings_wrapped_in_groups_are_recognized() -> None:
     assert _only(gone, _STREAM_ENDINGS)
     assert _only(ExceptionGroup("tasks", [gone, ExceptionGroup("inner", [p2p.EndOfSession("bye")])]), _STREAM_ENDINGS)
     assert not _only(ExceptionGroup("tasks", [gone, KeyError("a bug")]), _STREAM_ENDINGS)
+
+
+async def test_expiring_set_forgets_members_after_their_ttl(mock_clock) -> None:
+    memory = p2p.ExpiringSet(ttl=10.0, max_size=3)
+    memory.add(("peer", "10.0.0.1"))
+    mock_clock.jump(9.9)
+    assert ("peer", "10.0.0.1") in memory and ("peer", "10.0.0.2") not in memory
+    memory.add(("peer", "10.0.0.1"))       # a new failure renews it
+    mock_clock.jump(9.9)
+    assert ("peer", "10.0.0.1") in memory
+    mock_clock.jump(0.2)
+    assert ("peer", "10.0.0.1") not in memory
+    # a full memory drops its stale members all at once, so it stays bounded
+    for key in "abc":
+        memory.add(key)
+    mock_clock.jump(11)
+    memory.add("d")
+    assert len(memory._until) == 1 and "d" in memory
