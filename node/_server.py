@@ -102,6 +102,7 @@ class SpanServer:
         self.idle_timeout = idle_timeout
         self.peer_addrs = peer_addrs  # peer id -> multiaddrs known from the swarm records
         self.state = ServerState.JOINING
+        self._now = trio.lowlevel.current_clock().current_time  # trio's clock, one frame a call
         self.sessions: dict[str, ServedSession] = {}
         self._idle = trio.Event()
         self._idle.set()
@@ -225,7 +226,7 @@ class SpanServer:
             await trio.sleep_until(sess.last_active + self.idle_timeout)
             if sess.lock.locked():
                 await trio.sleep(self.idle_timeout)
-            elif trio.current_time() >= sess.last_active + self.idle_timeout:
+            elif self._now() >= sess.last_active + self.idle_timeout:
                 loop.cancel()
                 return
 
@@ -234,7 +235,7 @@ class SpanServer:
             msg = await _next_message(stream, f"session {sess.session_id[:8]}: client stream")
             if msg is None:
                 return
-            sess.last_active = trio.current_time()
+            sess.last_active = self._now()
             kind = type(msg)
             if kind is Step:
                 await self.run_step(sess, msg)
@@ -261,7 +262,7 @@ class SpanServer:
         try:
             if sess.closed:
                 return
-            sess.last_active = trio.current_time()
+            sess.last_active = self._now()
             if sess.last_step_id is not None and step.step_id < sess.last_step_id:
                 logger.debug("session %s: dropped stale step %d (last %d)", sess.session_id[:8],
                              step.step_id, sess.last_step_id)
@@ -282,7 +283,7 @@ class SpanServer:
         async with sess.lock:
             if sess.closed:
                 return
-            sess.last_active = trio.current_time()
+            sess.last_active = self._now()
             try:
                 check_replay(sess, replay)
             except StepError as exc:
@@ -323,7 +324,7 @@ class SpanServer:
                 with trio.move_on_after(PUSH_FIRST_WAIT):
                     await item.sent.wait()
         await self.to_client(sess, StepResult(sess.session_id, step_id, position, out))
-        sess.last_active = trio.current_time()  # a long step is activity, not idleness
+        sess.last_active = self._now()  # a long step is activity, not idleness
 
     async def _fail(self, sess: ServedSession, step_id: int, exc: StepError) -> None:
         logger.debug("session %s step %d failed: %s", sess.session_id[:8], step_id, exc)
@@ -415,7 +416,7 @@ class _Pusher:
     def _step_waits(self) -> None:
         """A step waits for the stream being opened: give the open `PUSH_OPEN_GRACE` more."""
         if self._opening is not None:
-            self._opening.deadline = min(self._opening.deadline, trio.current_time() + PUSH_OPEN_GRACE)
+            self._opening.deadline = min(self._opening.deadline, self.server._now() + PUSH_OPEN_GRACE)
 
     async def enqueue(self, item: _PushItem) -> None:
         self._ready = None  # from now on the queue goes first
