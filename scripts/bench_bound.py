@@ -325,19 +325,16 @@ def main() -> None:
             for proc in sides.values():
                 proc.wait(timeout=60)
 
-    def ratio(kind: str) -> float:  # per round: local ms / kind ms, then the median
-        return round(statistics.median(a / b for a, b in zip(ms["local"], ms[kind])), 3)
-
-    def share(kind: str) -> float:  # per round: bound ms / kind ms, then the median
-        return round(statistics.median(b / k for b, k in zip(ms["bound"], ms[kind])), 3)
+    def paired(base: str, kind: str) -> float:  # per round: base ms / kind ms, then the median
+        return round(statistics.median(a / b for a, b in zip(ms[base], ms[kind])), 3)
 
     med = {k: statistics.median(v) for k, v in ms.items()}
     print(json.dumps({
         "config": args.config, "rounds": args.rounds, "new_tokens": args.new_tokens, "spans": spans,
         "ms_per_token": {k: round(v, 2) for k, v in med.items()},
         "decode_tok_s": {k: round(1e3 / v, 1) for k, v in med.items()},
-        "ratio_vs_local": {k: ratio(k) for k in SIDES if k != "local"},
-        "share_of_bound": {k: share(k) for k in SIDES if k not in ("local", "bound")},
+        "ratio_vs_local": {k: paired("local", k) for k in SIDES if k != "local"},
+        "share_of_bound": {k: paired("bound", k) for k in SIDES if k not in ("local", "bound")},
         "added_ms_over_bound": {k: round(med[k] - med["bound"], 2) for k in SIDES if k not in ("local", "bound")},
         "tokens_equal": all(tokens[k] == tokens["local"] for k in SIDES),
     }, indent=2))
