@@ -374,6 +374,10 @@ class _Spec(typing.NamedTuple):
     # the simple kinds (`_fast_test`): True means every per-field check passes and leaves the
     # value as it is. False says nothing; the per-field checks then run and report.
     fast: Callable[[Any], bool] | None = None
+    # the same test per field, as Python expressions over `v` with the names they use (for
+    # the codecs `_wire` compiles for these classes)
+    tests: tuple[str, ...] | None = None
+    test_env: Mapping[str, Any] | None = None
 
 
 def _fast_test(tp: Any, limits: Mapping[str, Any], env: dict[str, Any]) -> str | None:
@@ -417,17 +421,21 @@ def _fast_test(tp: Any, limits: Mapping[str, Any], env: dict[str, Any]) -> str |
     return None
 
 
-def _compile_fast(cls: type, hints: Mapping[str, Any]) -> Callable[[Any], bool] | None:
+def _compile_fast(cls: type, hints: Mapping[str, Any]) -> tuple[Callable[[Any], bool], tuple[str, ...], dict[str, Any]] | None:
+    """(the all-fields test, each field's test expression, the names they use), or None."""
     env: dict[str, Any] = {"_Tensor": Tensor, "_prod": math.prod}
+    tests = []
     lines = ["def fast(self):"]
     for f in dataclasses.fields(cls):
         test = _fast_test(hints[f.name], f.metadata.get("p2p", {}), env)
         if test is None:
             return None
+        tests.append(test)
         lines += [f"    v = self.{f.name}", f"    if not {test}:", "        return False"]
     lines.append("    return True")
-    exec("\n".join(lines), env)  # noqa: S102 - built only from annotations and numeric limits
-    return env["fast"]
+    scope = dict(env)
+    exec("\n".join(lines), scope)  # noqa: S102 - built only from annotations and numeric limits
+    return scope["fast"], tuple(tests), env
 
 
 def _spec(cls: type, localns: dict[str, Any] | None = None) -> _Spec:
@@ -448,12 +456,13 @@ def _spec(cls: type, localns: dict[str, Any] | None = None) -> _Spec:
             specs.append(_FieldSpec(f.name, check, from_wire, is_tensor))
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required.add(f.name)
+        fast = _compile_fast(cls, hints)
         spec = _Spec(
             tuple(specs),
             frozenset(s.name for s in specs),
             tuple(s.name for s in specs if s.is_tensor),
             frozenset(required),
-            _compile_fast(cls, hints),
+            *(fast or ()),
         )
         setattr(cls, "_p2p_spec", spec)
     return spec

@@ -49,11 +49,131 @@ def _pack_default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+# --- compiled codecs ---------------------------------------------------------------------------
+# A message class whose fields are all of the simple kinds (those with a fast test, see
+# `_messages._fast_test`: ints, bools, strs, bytes, tensors, optional ones) gets an encoder and
+# a decoder compiled from its fields on first use: straight-line code, no loop over the field
+# specs, no dict of values handed to the dataclass constructor. The generic code below stays
+# the definition. A compiled function returns None whenever its case is not the plain one
+# (a value that a check would refuse or normalize, a missing optional field, a tensor that is
+# None, a frame too big), and the generic code then runs and answers or reports exactly as it
+# always does. tests/test_p2p_wire.py checks both against each other.
+class _Codec:
+    __slots__ = ("encode", "decode")
+
+    def __init__(self, encode: Any, decode: Any) -> None:
+        self.encode = encode
+        self.decode = decode
+
+
+def _codec(cls: type[Message]) -> _Codec | None:
+    """The compiled codec of a registered message class (compiled on first use), or None."""
+    codec = cls.__dict__.get("_p2p_codec")
+    if codec is None:
+        codec = _compile_codec(cls) or False
+        setattr(cls, "_p2p_codec", codec)
+    return codec or None
+
+
+def _compile_codec(cls: type[Message]) -> _Codec | None:
+    spec = _spec(cls)
+    if spec.tests is None or spec.test_env is None:
+        return None
+    tests = dict(zip((f.name for f in spec.fields), spec.tests))
+    plain = [f.name for f in spec.fields if not f.is_tensor]
+    tensors = [f.name for f in spec.fields if f.is_tensor]
+    env: dict[str, Any] = dict(spec.test_env)
+    env.update(_cls=cls, _tag=cls.TYPE, _new=object.__new__, _set=object.__setattr__, _packb=msgpack.packb,
+               _PREFIX=_PREFIX, _ZEROS=_ZEROS, _SIZES=DTYPE_SIZES, _trusted=Tensor._trusted, _prod=math.prod)
+
+    enc = ["def encode(msg, max_frame_size):"]
+    for i, name in enumerate(tensors):
+        enc += [f"    t{i} = msg.{name}", f"    if t{i} is None:", "        return None"]
+    header_fields = "{" + ", ".join(f"{name!r}: msg.{name}" for name in plain) + "}"
+    descriptors = "[" + ", ".join(f"[{name!r}, t{i}.dtype, list(t{i}.shape)]" for i, name in enumerate(tensors)) + "]"
+    enc += ["    try:",
+            f"        header = _packb([{WIRE_VERSION}, _tag, {header_fields}, {descriptors}], use_bin_type=True)",
+            "    except Exception:",
+            "        return None",
+            "    header_len = len(header)",
+            f"    if header_len > {MAX_HEADER_SIZE}:",
+            "        return None",
+            f"    pos = {HEADER_LEN_SIZE} + header_len",
+            "    out = [None]"]
+    for i in range(len(tensors)):
+        enc += [f"    pad = -pos % {TENSOR_ALIGNMENT}"]
+        enc += ["    first_pad = pad"] if i == 0 else ["    if pad:", "        out.append(_ZEROS[:pad])"]
+        enc += [f"    n = t{i}.data.nbytes", "    pos += pad + n", "    if n:", f"        out.append(t{i}.data)"]
+    if not tensors:
+        enc += ["    first_pad = 0"]
+    enc += ["    if pos > max_frame_size:",
+            "        return None",
+            "    out[0] = _PREFIX.pack(pos, header_len) + header + _ZEROS[:first_pad]",
+            "    return out"]
+
+    dec = ["def decode(fields, descriptors, view, pos, size):",
+           f"    if len(fields) != {len(plain)} or len(descriptors) != {len(tensors)}:",
+           "        return None"]
+    if plain:
+        dec += ["    try:"]
+        dec += [f"        f{i} = fields[{name!r}]" for i, name in enumerate(plain)]
+        dec += ["    except KeyError:", "        return None"]
+    for i, name in enumerate(plain):
+        dec += [f"    v = f{i}", f"    if not {tests[name]}:", "        return None"]
+    for i, name in enumerate(tensors):
+        dec += ["    d = descriptors[%d]" % i,
+                f"    if type(d) is not list or len(d) != 3 or d[0] != {name!r}:",
+                "        return None",
+                "    dtype = d[1]",
+                "    shape = d[2]",
+                f"    if type(dtype) is not str or type(shape) is not list or len(shape) > {MAX_TENSOR_NDIM}:",
+                "        return None",
+                "    n = _SIZES.get(dtype)",
+                "    if n is None:",
+                "        return None",
+                "    for dim in shape:",
+                "        if type(dim) is not int or dim < 0:",
+                "            return None",
+                f"    pad = -pos % {TENSOR_ALIGNMENT}",
+                "    if pad:",
+                "        if pos + pad > size or any(view[pos:pos + pad]):",
+                "            return None",
+                "        pos += pad",
+                "    n *= _prod(shape)",
+                "    if n > size - pos:",
+                "        return None",
+                "    v = _trusted(dtype, tuple(shape), view[pos:pos + n])",
+                "    pos += n",
+                f"    if not {tests[name]}:",
+                "        return None",
+                f"    t{i} = v"]
+    dec += ["    if pos != size:", "        return None", "    msg = _new(_cls)"]
+    dec += [f"    _set(msg, {name!r}, f{i})" for i, name in enumerate(plain)]
+    dec += [f"    _set(msg, {name!r}, t{i})" for i, name in enumerate(tensors)]
+    dec += ["    try:", "        msg.validate()", "    except Exception:", "        return None", "    return msg"]
+
+    exec("\n".join(enc) + "\n\n" + "\n".join(dec), env)  # noqa: S102 - built from field names and limits
+    return _Codec(env["encode"], env["decode"])
+
+
 def encode(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> list[bytes | memoryview]:
     """The frame for `msg` as a list of buffers; tensor bytes are not copied.
 
     Raises `LocalProtocolError` if the message type is not registered or the frame is too big.
     """
+    cls = type(msg)
+    if REGISTRY.get(cls.TYPE) is cls:
+        codec = cls.__dict__.get("_p2p_codec")
+        if codec is None:
+            codec = _codec(cls)
+        if codec:
+            out = codec.encode(msg, max_frame_size)
+            if out is not None:
+                return out
+    return _encode_generic(msg, max_frame_size)
+
+
+def _encode_generic(msg: Message, max_frame_size: int) -> list[bytes | memoryview]:
     cls = type(msg)
     if not cls.TYPE or REGISTRY.get(cls.TYPE) is not cls:
         raise LocalProtocolError(f"{cls.__name__} is not a registered message type (use @p2p.message)")
@@ -101,8 +221,10 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[Message]] | None = None) -> Message:
-    """Decode one frame body (without its length prefix). Tensors alias `body`."""
+def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[Message]] | None = None,
+                *, fast: bool = True) -> Message:
+    """Decode one frame body (without its length prefix). Tensors alias `body`. `fast=False`
+    skips the compiled decoder (the tests compare the two)."""
     registry = REGISTRY if registry is None else registry
     view = memoryview(body)
     size = view.nbytes
@@ -137,9 +259,17 @@ def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[M
     if type(descriptors) is not list or len(descriptors) > MAX_TENSORS_PER_MESSAGE:
         raise RemoteProtocolError("tensor descriptors must be a short array")
 
+    pos = HEADER_LEN_SIZE + header_len
+    if fast:
+        codec = cls.__dict__.get("_p2p_codec")
+        if codec is None:
+            codec = _codec(cls)
+        if codec:
+            msg = codec.decode(fields, descriptors, view, pos, size)
+            if msg is not None:
+                return msg
     spec = _spec(cls)
     tensor_names = spec.tensor_fields
-    pos = HEADER_LEN_SIZE + header_len
     next_index = 0
     values = dict(fields)
     for desc in descriptors:
@@ -212,6 +342,16 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         if self._error is not None:
             raise self._error
+        if not self._expected and not self._prefix and type(data) is bytes and len(data) > FRAME_PREFIX_SIZE:
+            # the usual case on a lane (a record is a frame): exactly one whole small frame
+            length = int.from_bytes(data[:FRAME_PREFIX_SIZE], "little")
+            if length == len(data) - FRAME_PREFIX_SIZE and HEADER_LEN_SIZE <= length <= PREALLOCATE_LIMIT \
+                    and length <= self.max_frame_size:
+                try:
+                    return [decode_body(bytearray(memoryview(data)[FRAME_PREFIX_SIZE:]), self._registry)]
+                except RemoteProtocolError as exc:
+                    self._error = exc
+                    raise
         out: list[Message] = []
         try:
             self._feed(memoryview(data).cast("B"), out, type(data) is bytes)

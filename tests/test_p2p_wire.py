@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,131 @@ def test_mutated_valid_frames_decode_or_raise_remote_protocol_error(data: st.Dat
         assert all(isinstance(m, p2p.Message) for m in out)
     except p2p.RemoteProtocolError:
         pass
+
+
+# --- compiled codecs against the generic code ----------------------------------------------------
+@p2p.message("test.compiled")
+@dataclass(frozen=True)
+class Compiled(p2p.Message):
+    """Every simple kind, optional ones with defaults, two tensors, and a cross-field check."""
+
+    sid: str = p2p.field(max_len=8)
+    step: int = p2p.field(min_value=0, max_value=1000)
+    hidden: p2p.Tensor = p2p.field(dtypes=("float32", "bfloat16"), ndim=2, max_numel=64)
+    blob: bytes = p2p.field(min_len=1, max_len=4)
+    push: bool = True
+    mask: p2p.Tensor | None = None
+    note: str | None = p2p.field(default=None, max_len=4)
+
+    def validate(self) -> None:
+        if self.step == 13:
+            raise ValueError("unlucky step")
+
+
+def test_simple_message_classes_get_a_compiled_codec_and_others_do_not() -> None:
+    from p2p._wire import _codec
+
+    assert _codec(Compiled) is not None and _codec(Step) is not None
+    assert _codec(Everything) is None and _codec(Golden) is None  # floats, lists, maps, nesting
+
+
+_DTYPES = st.sampled_from(["float32", "bfloat16", "int64", "float16"])
+_SHAPES = st.lists(st.integers(0, 5), max_size=3)
+_WIRE_SHAPES = st.lists(st.integers(-1, 5), max_size=3)  # (a negative size, as a peer may send)
+
+
+@st.composite
+def _compiled_messages(draw: st.DrawFn) -> Compiled:
+    def tensor(dtype: str, shape: list[int]) -> p2p.Tensor:
+        return p2p.Tensor.from_torch(torch.zeros(shape, dtype=getattr(torch, dtype)))
+
+    mask = draw(st.none() | st.builds(tensor, _DTYPES, _SHAPES))
+    return Compiled(draw(st.text(max_size=8)), draw(st.integers(0, 1000).filter(lambda s: s != 13)),
+                    tensor(draw(st.sampled_from(["float32", "bfloat16"])), draw(st.lists(st.integers(0, 4), min_size=2, max_size=2))),
+                    draw(st.binary(min_size=1, max_size=4)), draw(st.booleans()), mask,
+                    draw(st.none() | st.text(max_size=4)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_compiled_messages())
+def test_compiled_encoder_writes_the_generic_bytes(msg: Compiled) -> None:
+    from p2p._wire import _encode_generic
+
+    assert b"".join(p2p.encode(msg)) == b"".join(_encode_generic(msg, p2p.constants.MAX_FRAME_SIZE))
+    (back,) = p2p.FrameDecoder().feed(p2p.encode_bytes(msg))
+    assert back == msg
+
+
+_ANY_VALUE = st.none() | st.booleans() | st.integers(-5, 1005) | st.text(max_size=10) | st.binary(max_size=6) \
+    | st.floats(allow_nan=False) | st.lists(st.integers(0, 3), max_size=3)
+
+
+@st.composite
+def _compiled_bodies(draw: st.DrawFn) -> bytes:
+    """A Compiled frame body: valid, or with one thing drawn wrong (a field's type or range, a
+    missing, extra or renamed field or descriptor, misordered tensors, a descriptor's dtype or
+    shape, non-zero padding, a payload short or long, a failing cross-field check)."""
+    fields: dict = {"sid": draw(st.text(max_size=8)), "step": draw(st.integers(0, 1000).filter(lambda s: s != 13)),
+                    "blob": draw(st.binary(min_size=1, max_size=4)), "push": draw(st.booleans())}
+    if draw(st.booleans()):
+        fields["note"] = draw(st.none() | st.text(max_size=4))
+    descriptors: list[list] = [["hidden", draw(st.sampled_from(["float32", "bfloat16"])),
+                                draw(st.lists(st.integers(0, 4), min_size=2, max_size=2))]]
+    if draw(st.booleans()):
+        descriptors.append(["mask", draw(_DTYPES), draw(_WIRE_SHAPES)])
+    pad_byte, extra, cut = 0, b"", False
+    wrong = draw(st.sampled_from(["nothing", "nothing", "value", "missing", "extra", "descriptor", "order",
+                                  "padding", "extra bytes", "cut", "check"]))
+    if wrong == "value":
+        fields[draw(st.sampled_from(["sid", "step", "blob", "push", "note"]))] = draw(_ANY_VALUE)
+    elif wrong == "missing":
+        fields.pop(draw(st.sampled_from(sorted(fields))))
+    elif wrong == "extra":
+        fields[draw(st.sampled_from(["mask", "hidden", "other"]))] = draw(_ANY_VALUE)
+    elif wrong == "descriptor":
+        descriptors[-1][draw(st.integers(0, 2))] = draw(_ANY_VALUE | _DTYPES | _WIRE_SHAPES)
+    elif wrong == "order":
+        descriptors.insert(0, ["mask", "float32", [1]])
+    elif wrong == "padding":
+        pad_byte = draw(st.integers(1, 255))
+    elif wrong == "extra bytes":
+        extra = draw(st.binary(min_size=1, max_size=9))
+    elif wrong == "check":
+        fields["step"] = 13
+    cut = wrong == "cut"
+    header = msgpack.packb([1, "test.compiled", fields, descriptors], use_bin_type=True)
+    body = struct.pack("<I", len(header)) + header
+    for _, dtype, shape in descriptors:
+        try:
+            size = min(math.prod(shape) * p2p.DTYPE_SIZES[dtype], 4096)
+        except (TypeError, KeyError):
+            size = 4
+        body += bytes([pad_byte]) * (-len(body) % 8) + bytes(range(size % 256)) + bytes(max(0, size - 256))
+    body += extra
+    return body[:-1] if cut else body
+
+
+def _outcome(body: bytes, fast: bool) -> object:
+    from p2p._wire import decode_body
+
+    try:
+        return decode_body(bytearray(body), fast=fast)
+    except p2p.RemoteProtocolError as exc:
+        return ("refused", str(exc))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_compiled_bodies())
+def test_compiled_decoder_answers_exactly_like_the_generic_one(body: bytes) -> None:
+    assert _outcome(body, True) == _outcome(body, False)
+
+
+def test_compiled_decoder_refuses_negative_dimensions_whose_product_fits() -> None:
+    fields = {"sid": "a", "step": 1, "blob": b"x", "push": True}
+    header = msgpack.packb([1, "test.compiled", fields, [["hidden", "float32", [-1, -1]]]], use_bin_type=True)
+    body = struct.pack("<I", len(header)) + header
+    body += bytes(-len(body) % 8) + bytes(4)  # the 4 bytes that [-1, -1] float32 would claim
+    assert _outcome(body, True) == _outcome(body, False) == ("refused", "invalid tensor shape for 'hidden'")
 
 
 # --- the session state machine -------------------------------------------------------------------
