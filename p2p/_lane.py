@@ -121,14 +121,21 @@ class LaneStream:
         except OSError:
             return None
 
-    def _nonce(self, counter: int) -> bytes:
-        return b"\0\0\0\0" + counter.to_bytes(8, "little")
+    @staticmethod
+    def _nonce(counter: int) -> bytes:
+        """4 zero bytes, then the 64-bit counter little-endian: ``(counter << 32)`` as 12
+        little-endian bytes is the same thing in one call."""
+        return (counter << 32).to_bytes(12, "little")
 
     def seal(self, data: bytes | memoryview) -> bytes:
         """The records carrying `data` (split at RECORD_MAX), ready to send."""
+        if len(data) <= RECORD_MAX:  # the usual case: one record
+            sealed = self._send.encrypt((self._send_nonce << 32).to_bytes(12, "little"), data, None)
+            self._send_nonce += 1
+            return _LENGTH.pack(len(sealed)) + sealed
         out = []
         view = memoryview(data)
-        for i in range(0, max(len(view), 1), RECORD_MAX):
+        for i in range(0, len(view), RECORD_MAX):
             sealed = self._send.encrypt(self._nonce(self._send_nonce), view[i:i + RECORD_MAX], None)
             self._send_nonce += 1
             out.append(_LENGTH.pack(len(sealed)))
@@ -192,7 +199,8 @@ class LaneStream:
         if len(raw) - 4 < size:
             return None
         try:
-            plain = self._recv.decrypt(self._nonce(self._recv_nonce), memoryview(raw)[4:4 + size], None)
+            plain = self._recv.decrypt((self._recv_nonce << 32).to_bytes(12, "little"),
+                                       memoryview(raw)[4:4 + size], None)
         except InvalidTag:
             raise trio.BrokenResourceError("lane record failed authentication") from None
         self._recv_nonce += 1
@@ -215,8 +223,8 @@ class LaneStream:
         """At least one byte of plaintext (everything decrypted so far, up to the records that
         are complete), or b"" at a clean end. `n` is ignored beyond being a hint: callers here
         parse their own frames."""
-        await trio.lowlevel.checkpoint_if_cancelled()
         if not self._drained:  # (after a read that emptied the socket, go straight to the wait)
+            await trio.lowlevel.checkpoint_if_cancelled()  # (the wait below is a checkpoint itself)
             plain = self.read_nowait()
             if plain is not None:
                 # it was there already: let other tasks run (a reader of a fast peer must not
