@@ -64,6 +64,11 @@ class EndOfSession(P2PError):
     """The peer ended the session cleanly (it sent its goodbye); no more messages will come."""
 
 
+class ReceiveInterrupted(Exception):
+    """`Session.receive` was woken by `Session.interrupt_receive`: nothing happened to the
+    session or the peer (so this is not a `P2PError`), the caller is wanted elsewhere."""
+
+
 class ErrorCode:
     """Well-known `RemoteError` codes. Applications may use their own short codes too."""
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import trio
+import trio.testing
 
 import p2p
 from p2p import _lane
@@ -68,6 +69,34 @@ async def test_session_moves_to_a_lane(make_host) -> None:
         assert reply.n == 99 and torch.equal(reply.tensor.to_torch(), big)
     assert handler.transports == ["lane"]
     assert not server.lanes._tickets  # the ticket was used once and is gone
+
+
+async def test_a_receive_on_a_lane_can_be_interrupted_and_the_session_goes_on(make_host) -> None:
+    client, server, _ = await _pair(make_host)
+    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+        outcome: list[object] = []
+
+        async def receive() -> None:
+            try:
+                outcome.append(await session.receive())
+            except p2p.ReceiveInterrupted:
+                outcome.append("interrupted")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()  # the receive waits on the socket
+            assert session.interrupt_receive()
+        assert outcome == ["interrupted"]
+        await _round_trips(session)  # the lane and its records are intact
+        session.interrupt_receive()  # with no receive under way: the next one raises at once
+        with pytest.raises(p2p.ReceiveInterrupted):
+            await session.receive()
+        session.interrupt_receive()
+        session.clear_interrupt()
+        await _round_trips(session, 1)
+    async with client.open_session(server.peer_id, PROTO) as session:
+        assert session.transport == "libp2p" and not session.interrupt_receive()
+        await _round_trips(session, 1)
 
 
 async def test_a_client_that_does_not_ask_stays_on_libp2p(make_host) -> None:
