@@ -23,6 +23,7 @@ remembers the pair (`UNPUSHABLE_TTL`), so its next sessions relay between them f
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -120,13 +121,17 @@ class Chain:
         self._push_failed: dict[int, set[str]] = {}         # step id -> session ids that could not push
         self._next_step = 0
         self._changed = trio.Event()
-        self._fast: trio.CancelScope | None = None            # Chain._read_final, while it reads
+        self._fast: _Link | None = None                     # the link Chain._read_final reads
+        self._deadline = math.inf                            # of the step under way (see _watch_deadline)
+        self._timer = trio.CancelScope()                     # _watch_deadline's, until close
         self._nursery: trio.Nursery | None = None
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self._deadline = trio.current_time() + self.config.step_timeout
+        nursery.start_soon(self._watch_deadline)
         deadline = trio.current_time() + self.config.failover_deadline
         while True:
             route = await self._route(0, self.num_blocks, deadline=deadline)
@@ -146,6 +151,7 @@ class Chain:
         if self._closed:
             return
         self._closed = True
+        self._timer.cancel()
         for link in self.links:
             await self._drop(link, polite=True)
         self.links = []
@@ -174,38 +180,58 @@ class Chain:
             await self._send_step(self.links[0], step_id, position, hidden)
         except p2p.P2PError as e:    # failover takes it from here
             self.links[0].broken = self.links[0].broken or e
-        deadline = trio.current_time() + self.config.step_timeout
-        out = await self._read_final(step_id, deadline)
+        self._deadline = deadline = trio.current_time() + self.config.step_timeout
+        out = await self._read_final(step_id)
         if out is None:
             out = await self._await_final(step_id, position, t, deadline)
         self.position = position + t
         return out
 
-    async def _read_final(self, step_id: int, deadline: float) -> torch.Tensor | None:
+    async def _read_final(self, step_id: int) -> torch.Tensor | None:
         """The usual case, without a task switch per step: read the last link's stream in this
         task until the step's result arrives. None as soon as anything needs attention (a
-        broken link, a refused step or push, the deadline): the link's own task then reads it
-        again and `_await_final` takes over."""
+        broken link, a refused step or push, the deadline: `_wake` interrupts the read): the
+        link's own task then reads it again and `_await_final` takes over. Lanes only (a
+        libp2p stream cannot be interrupted: its link's task reads it)."""
         final = self.links[-1]
+        session = final.session
         if any(link.broken is not None or link.relay for link in self.links) \
-                or step_id in self._step_errors or self._push_failed.get(step_id):
+                or step_id in self._step_errors or self._push_failed.get(step_id) \
+                or session.transport != "lane":
             self._give_back(final)
             return None
         if final.lent is None:  # stop the link's task reading (it waits until given back)
             final.lent = trio.Event()
             if final.reading is not None:
                 final.reading.cancel()
-        with trio.CancelScope(deadline=deadline) as self._fast:
-            try:
-                while step_id not in self._final and final.broken is None:
-                    self._on_message(final, await final.session.receive())
-            except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                final.broken = final.broken or e
-        self._fast = None
+        self._fast = final
+        try:
+            while step_id not in self._final and final.broken is None:
+                self._on_message(final, await session.receive())
+        except p2p.ReceiveInterrupted:
+            pass
+        except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            final.broken = final.broken or e
+        finally:
+            self._fast = None
+            session.clear_interrupt()
         if step_id in self._final:
             return self._final.pop(step_id)
         self._give_back(final)
         return None
+
+    async def _watch_deadline(self) -> None:
+        """Interrupt `_read_final` when a step's deadline passes. The stepping task only moves
+        `_deadline` on (no timer per step): this task sleeps until the deadline it last saw
+        and, when that turns out to have moved, sleeps again, so it wakes about once per
+        `step_timeout` while steps keep coming."""
+        with self._timer:
+            while True:
+                deadline = self._deadline
+                await trio.sleep_until(deadline)
+                if self._deadline == deadline:  # not moved on: the step (if any) is late
+                    self._wake(urgent=True)
+                    await trio.sleep(self.config.step_timeout)
 
     def _give_back(self, link: _Link) -> None:
         if link.lent is not None:
@@ -522,7 +548,7 @@ class Chain:
         self._changed.set()
         self._changed = trio.Event()
         if urgent and self._fast is not None:
-            self._fast.cancel()
+            self._fast.session.interrupt_receive()
 
 
 class _OpenFailed(Exception):

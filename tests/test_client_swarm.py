@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+import trio
 
 from conftest import FAMILIES
 from pipeline import AsyncDistributedModelForCausalLM, DistributedModelForCausalLM, LocalModelForCausalLM
@@ -93,6 +94,51 @@ def test_no_replica_is_a_clear_error_within_the_deadline(tiny_model, tiny_refere
             with pytest.raises(NoReplacementError, match=r"no server for blocks \[3, 6\)"):
                 model.generate(prompt, max_new_tokens=24, eos_token_id=[], streamer=killer)
             assert time.monotonic() - killer.killed_at < 4.0 + 6.0
+
+
+async def test_a_node_that_stops_answering_is_replaced_after_the_step_timeout(tiny_model, tiny_reference, tmp_path):
+    """The last node keeps its streams alive (heartbeats flow) but stops answering steps: the
+    client, which reads that node's stream itself, gives up on it after `step_timeout`,
+    replaces it, and the tokens are exactly the local ones. (Nodes in this process, one with
+    its forward passes held back.)"""
+    from test_node_serving import running_node
+
+    prompt, expected = tiny_reference
+    release = trio.Event()
+
+    async def held(*args):  # the stalled node's passes wait until the end of the test
+        await release.wait()
+        raise RuntimeError("released at the end of the test")
+
+    async with running_node(tiny_model, tmp_path / "a", blocks=(0, 4)) as first, \
+            running_node(tiny_model, tmp_path / "b", blocks=(4, 8), initial_peers=first.addrs) as second, \
+            running_node(tiny_model, tmp_path / "c", blocks=(4, 8), initial_peers=first.addrs) as third:
+        nodes = {node.peer_id: node for node in (first, second, third)}
+        try:
+            async with AsyncDistributedModelForCausalLM.from_pretrained(
+                    tiny_model, initial_peers=first.addrs, step_timeout=2.0) as model:
+                async with model.inference_session(max_length=64) as session:
+                    class Stall:
+                        count, victim = -1, None
+
+                        def put(self, value) -> None:
+                            self.count += 1
+                            if self.count == 8:
+                                self.victim = session.route[-1].peer_id
+                                nodes[self.victim].batcher.run = held
+
+                        def end(self) -> None:
+                            pass
+
+                    stall = Stall()
+                    with trio.fail_after(60):
+                        out = await model.generate(prompt, max_new_tokens=24, eos_token_id=[], streamer=stall,
+                                                   session=session)
+                    assert stall.victim is not None and session.chain.failovers == 1
+                    assert session.route[-1].peer_id != stall.victim
+        finally:
+            release.set()
+    assert torch.equal(out, expected)
 
 
 def test_sessions_use_lanes_and_fall_back_to_libp2p_per_node(tiny_model, tiny_reference):
