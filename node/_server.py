@@ -460,7 +460,7 @@ class _Pusher:
                 item = await self._receive.receive()
             if self._failed is not None and self._failed[0] == (item.peer, item.session_id):
                 if item.step is not None:
-                    await self._report(item.step.step_id, self._failed[1])
+                    await self._report(item.step.step_id, item.session_id, self._failed[1])
                 item.sent.set()
                 item = None
                 continue
@@ -476,11 +476,11 @@ class _Pusher:
                 # When only the early open failed, no step was taken: the steps queued behind
                 # it are reported at once (above) instead of each waiting out a new dial.
                 if self._stepped:
-                    await self._report(self._last_step_id, reason)
+                    await self._report(self._last_step_id, self._target_session, reason)
                 item = None
 
-    async def _report(self, step_id: int, reason: str) -> None:
-        await self.server.to_client(self.sess, PushFailed(self.sess.session_id, step_id, reason))
+    async def _report(self, step_id: int, target: str, reason: str) -> None:
+        await self.server.to_client(self.sess, PushFailed(self.sess.session_id, step_id, target, reason))
 
     async def _stream_to(self, item: _PushItem) -> _PushItem:
         """Push to item's target until an item for another target comes; return that item."""

@@ -118,7 +118,8 @@ class Chain:
         self._latest: dict[str, int] = {}                    # session id -> last step id echoed
         self._current = -1
         self._step_errors: dict[int, StepFailed] = {}
-        self._push_failed: dict[int, set[str]] = {}         # step id -> session ids that could not push
+        # step id -> (session id, target session id) of the pushes that failed
+        self._push_failed: dict[int, set[tuple[str, str]]] = {}
         self._next_step = 0
         self._changed = trio.Event()
         self._fast: _Link | None = None                     # the link Chain._read_final reads
@@ -301,13 +302,15 @@ class Chain:
                     link.broken = link.broken or e
 
     def _push_failed_into(self, step_id: int) -> _Link | None:
-        """The first link whose upstream reported it could not push this step to it (once)."""
+        """The first link whose upstream reported it could not push this step to it (once). A
+        report about a link that has been replaced since (its node died while the upstream
+        pushed to it) names a target no longer in the chain and blames no one."""
         failed = self._push_failed.get(step_id)
         if not failed:
             return None
         for up, link in zip(self.links, self.links[1:]):
-            if up.session_id in failed:
-                failed.discard(up.session_id)
+            if (up.session_id, link.session_id) in failed:
+                failed.discard((up.session_id, link.session_id))
                 return link
         return None
 
@@ -532,7 +535,7 @@ class Chain:
             else:
                 link.broken = p2p.RemoteError(msg.code, msg.message)
         elif isinstance(msg, PushFailed):
-            self._push_failed.setdefault(msg.step_id, set()).add(msg.session_id)
+            self._push_failed.setdefault(msg.step_id, set()).add((msg.session_id, msg.target))
         self._wake(urgent)
 
     def _remember(self, boundary: int, position: int, step_id: int, hidden: torch.Tensor) -> None:

@@ -150,8 +150,12 @@ class StepFailed(p2p.Message):
 @p2p.message("lamina.push_failed")
 @dataclass(frozen=True)
 class PushFailed(p2p.Message):
+    """The node could not push step `step_id`'s result to `target` (the next hop's session id
+    it was pushing to: a report about a hop the client has replaced since is stale)."""
+
     session_id: str = p2p.field(max_len=32)
     step_id: int = p2p.field(min_value=0, max_value=2**62)
+    target: str = p2p.field(max_len=32)
     message: str = p2p.field(max_len=1000)
 
 

@@ -350,13 +350,14 @@ async def test_push_failure_reports_and_keeps_the_session(micro_model, tmp_path)
             kinds = sorted(type(m).__name__ for m in got)
             assert kinds == ["PushFailed", "StepResult"], got
             failed = next(m for m in got if type(m) is PushFailed)
-            assert failed.step_id == 1 and nowhere in failed.message
+            assert failed.step_id == 1 and failed.target == "0" * 32 and nowhere in failed.message
             close(next(m for m in got if type(m) is StepResult).hidden.to_torch(), local(hidden(0, 3), 0))
             # a push into a session B does not have: B refuses, A reports, the session lives on
             await up.stream.send(SetNextHop(up.session_id, b.peer_id, "1" * 32))
             await up.send_step(hidden(3, 1), 3)
             got = [await up.receive(), await up.receive()]
             assert sorted(type(m).__name__ for m in got) == ["PushFailed", "StepResult"], got
+            assert next(m for m in got if type(m) is PushFailed).target == "1" * 32
             close(next(m for m in got if type(m) is StepResult).hidden.to_torch(), local(hidden(3, 1), 3))
             # the failed target stays failed until the next SetNextHop: reported at once, no new dial
             await up.send_step(hidden(4, 1), 4)
