@@ -123,14 +123,14 @@ class LaneStream:
 
     @staticmethod
     def _nonce(counter: int) -> bytes:
-        """4 zero bytes, then the 64-bit counter little-endian: ``(counter << 32)`` as 12
-        little-endian bytes is the same thing in one call."""
+        """4 zero bytes, then the 64-bit counter little-endian (``counter << 32`` as 12
+        little-endian bytes is exactly that)."""
         return (counter << 32).to_bytes(12, "little")
 
     def seal(self, data: bytes | memoryview) -> bytes:
         """The records carrying `data` (split at RECORD_MAX), ready to send."""
         if len(data) <= RECORD_MAX:  # the usual case: one record
-            sealed = self._send.encrypt((self._send_nonce << 32).to_bytes(12, "little"), data, None)
+            sealed = self._send.encrypt(self._nonce(self._send_nonce), data, None)
             self._send_nonce += 1
             return _LENGTH.pack(len(sealed)) + sealed
         out = []
@@ -199,8 +199,7 @@ class LaneStream:
         if len(raw) - 4 < size:
             return None
         try:
-            plain = self._recv.decrypt((self._recv_nonce << 32).to_bytes(12, "little"),
-                                       memoryview(raw)[4:4 + size], None)
+            plain = self._recv.decrypt(self._nonce(self._recv_nonce), memoryview(raw)[4:4 + size], None)
         except InvalidTag:
             raise trio.BrokenResourceError("lane record failed authentication") from None
         self._recv_nonce += 1

@@ -163,10 +163,8 @@ def encode(msg: Message, *, max_frame_size: int = MAX_FRAME_SIZE) -> list[bytes 
     """
     cls = type(msg)
     if REGISTRY.get(cls.TYPE) is cls:
-        codec = cls.__dict__.get("_p2p_codec")
-        if codec is None:
-            codec = _codec(cls)
-        if codec:
+        codec = _codec(cls)
+        if codec is not None:
             out = codec.encode(msg, max_frame_size)
             if out is not None:
                 return out
@@ -261,10 +259,8 @@ def decode_body(body: bytearray | bytes | memoryview, registry: dict[str, type[M
 
     pos = HEADER_LEN_SIZE + header_len
     if fast:
-        codec = cls.__dict__.get("_p2p_codec")
-        if codec is None:
-            codec = _codec(cls)
-        if codec:
+        codec = _codec(cls)
+        if codec is not None:
             msg = codec.decode(fields, descriptors, view, pos, size)
             if msg is not None:
                 return msg
