@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """How close the swarm gets to the physical bound of a split decode on this machine.
 
-    python scripts/bench_bound.py [--config tiny] [--rounds 20] [--new-tokens 64]
+    python scripts/bench_bound.py [--config tiny] [--rounds 20] [--new-tokens 64] [--sides ...]
 
-Five sets of processes decode the same prompt greedily, one generation each in turn, round after
+The sets of processes (five by default) decode the same prompt greedily, one generation each in turn, round after
 round (a shared VM's speed drifts by tens of percent within minutes; turns this short put every
 side under the same drift):
 
@@ -15,14 +15,18 @@ side under the same drift):
   model this way on this machine can be faster, so it is the bound a swarm is measured against;
 * ``swarm``: real ``run-node`` processes and the client library (`DistributedModelForCausalLM`).
 
-Two variants of the bound say where the swarm's extra time is not:
+Variants of the bound say where the swarm's extra time is not:
 
 * ``bound_trio``: the span processes wait for their input in trio (``wait_readable`` on a
   non-blocking socket, as lamina's nodes do) instead of blocking in ``recv``: the event loop's
   cost on each wake-up;
 * ``bound_lean``: every hop carries what a lamina message carries, in the leanest Python: a
   ChaCha20-Poly1305 record (as lanes seal them) holding a msgpack header and the hidden
-  states, decrypted, parsed and checked on arrival: the cost of encryption and framing alone.
+  states, decrypted, parsed and checked on arrival: the cost of encryption and framing alone;
+* ``bound_spin`` (only with ``--sides``): the bound, but each receiving process (span or client)
+  polls its socket in a short window around the arrival it predicts from the last ones, instead
+  of sleeping until the kernel wakes it: whether the wake-ups of three hops per token could be
+  bought back with CPU time.
 
 Every process runs torch with one intra-op thread. Prints JSON: decode ms per token (the median
 over rounds) and tokens/s for each side, the per-round ratios to local (medians), the share of
@@ -32,14 +36,17 @@ the bound's speed each other side reaches, and whether all sides produced the sa
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import select
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import msgpack
@@ -52,6 +59,9 @@ sys.path.insert(0, str(ROOT))
 
 SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
 SIDES = ("local", "bound", "bound_trio", "bound_lean", "swarm")
+ALL_SIDES = SIDES + ("bound_spin",)
+SPIN_LEAD = 0.001  # bound_spin: start polling this long before the predicted arrival
+SPIN_TAIL = 0.001  # ... and give up (and sleep) this long after it
 _HEADER = struct.Struct("<II")  # position, tokens
 _LENGTH = struct.Struct("<I")
 
@@ -65,6 +75,32 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
             raise EOFError("peer closed")
         got += k
     return buf
+
+
+class _ArrivalPoller:
+    """``bound_spin``'s wait for the next message on `sock`: sleep (in ``select``, so an early
+    message still wakes us) until SPIN_LEAD before the arrival predicted from the median of the
+    last gaps between arrivals, poll the socket until SPIN_TAIL after it, then sleep."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.last: float | None = None
+        self.gaps: collections.deque[float] = collections.deque(maxlen=8)
+
+    def wait(self) -> None:
+        if self.last is not None and len(self.gaps) >= 3:
+            predicted = self.last + statistics.median(self.gaps)
+            now = time.perf_counter()
+            if predicted - SPIN_LEAD > now:
+                select.select([self.sock], [], [], predicted - SPIN_LEAD - now)
+            while time.perf_counter() < predicted + SPIN_TAIL:
+                if select.select([self.sock], [], [], 0)[0]:
+                    break
+        select.select([self.sock], [], [])
+        now = time.perf_counter()
+        if self.last is not None:
+            self.gaps.append(now - self.last)
+        self.last = now
 
 
 def _connect(port: int) -> socket.socket:
@@ -119,7 +155,7 @@ class _Lean:
 # -- the roles (each runs in its own process) --------------------------------------------------
 def role_node(path: str, start: int, end: int, next_port: int, mode: str) -> None:
     """One span: read (position, tokens, hidden) from upstream, run the blocks, send on;
-    `mode` is "bound", "bound_trio" or "bound_lean" (see the module docstring)."""
+    `mode` is "bound", "bound_trio", "bound_lean" or "bound_spin" (see the module docstring)."""
     import torch
 
     from pipeline import Segment
@@ -169,6 +205,7 @@ def role_node(path: str, start: int, end: int, next_port: int, mode: str) -> Non
 
         return trio.run(serve)
     inbound, outbound = _Lean(), _Lean()
+    poller = _ArrivalPoller(upstream)
     while True:
         try:
             if mode == "bound_lean":
@@ -178,6 +215,8 @@ def role_node(path: str, start: int, end: int, next_port: int, mode: str) -> Non
                     raise ValueError("hidden states of the wrong size")
                 hidden = torch.frombuffer(payload, dtype=torch.float32)
             else:
+                if mode == "bound_spin":
+                    poller.wait()
                 position, tokens = _HEADER.unpack(_recv_exactly(upstream, _HEADER.size))
                 hidden = torch.frombuffer(_recv_exactly(upstream, tokens * dim * 4), dtype=torch.float32)
         except EOFError:
@@ -248,6 +287,7 @@ def _bound_generator(path: str, spans: str, mode: str):
     last = _accept(listener)
 
     outbound, inbound, steps = _Lean(), _Lean(), [0]
+    poller = _ArrivalPoller(last)
 
     def step(hidden: torch.Tensor, position: int) -> torch.Tensor:
         tokens = hidden.shape[1]
@@ -261,6 +301,8 @@ def _bound_generator(path: str, spans: str, mode: str):
                 raise ValueError("a result that does not answer this step")
             return torch.frombuffer(payload, dtype=torch.float32).view(1, tokens, dim)
         first.sendall(_HEADER.pack(position, tokens) + data)
+        if mode == "bound_spin":
+            poller.wait()
         _recv_exactly(last, _HEADER.size)
         return torch.frombuffer(_recv_exactly(last, tokens * dim * 4), dtype=torch.float32).view(1, tokens, dim)
 
@@ -282,6 +324,8 @@ def main() -> None:
     ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--sides", default=",".join(SIDES),
+                    help=f"comma-separated sides to run, local and bound always included (of {', '.join(ALL_SIDES)})")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--span", help=argparse.SUPPRESS)
@@ -297,11 +341,15 @@ def main() -> None:
 
     from pipeline.tiny import write_tiny_model
 
+    chosen = ["local", "bound"] + [k for k in args.sides.split(",") if k not in ("local", "bound")]
+    unknown = [k for k in chosen if k not in ALL_SIDES]
+    if unknown:
+        ap.error(f"unknown sides {unknown}; choose from {', '.join(ALL_SIDES)}")
     spans = ",".join(f"{a}:{b}" for a, b in SPLIT[args.config])
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_tiny_model(Path(tmp) / args.config, args.config))
         sides = {}
-        for kind in SIDES:
+        for kind in chosen:
             sides[kind] = subprocess.Popen(
                 [sys.executable, __file__, "--role", kind, "--path", path, "--spans", spans,
                  "--new-tokens", str(args.new_tokens)],
@@ -333,10 +381,10 @@ def main() -> None:
         "config": args.config, "rounds": args.rounds, "new_tokens": args.new_tokens, "spans": spans,
         "ms_per_token": {k: round(v, 2) for k, v in med.items()},
         "decode_tok_s": {k: round(1e3 / v, 1) for k, v in med.items()},
-        "ratio_vs_local": {k: paired("local", k) for k in SIDES if k != "local"},
-        "share_of_bound": {k: paired("bound", k) for k in SIDES if k not in ("local", "bound")},
-        "added_ms_over_bound": {k: round(med[k] - med["bound"], 2) for k in SIDES if k not in ("local", "bound")},
-        "tokens_equal": all(tokens[k] == tokens["local"] for k in SIDES),
+        "ratio_vs_local": {k: paired("local", k) for k in chosen if k != "local"},
+        "share_of_bound": {k: paired("bound", k) for k in chosen if k not in ("local", "bound")},
+        "added_ms_over_bound": {k: round(med[k] - med["bound"], 2) for k in chosen if k not in ("local", "bound")},
+        "tokens_equal": all(tokens[k] == tokens["local"] for k in chosen),
     }, indent=2))
 
 
