@@ -3,9 +3,9 @@
 
     python scripts/bench_bound.py [--config tiny] [--rounds 20] [--new-tokens 64] [--sides ...]
 
-The sets of processes (five by default) decode the same prompt greedily, one generation each in turn, round after
-round (a shared VM's speed drifts by tens of percent within minutes; turns this short put every
-side under the same drift):
+The sets of processes (five by default) decode the same prompt greedily, one generation each
+in turn, round after round (a shared VM's speed drifts by tens of percent within minutes; turns
+this short put every side under the same drift):
 
 * ``local``: the whole model in one process (`LocalModelForCausalLM`);
 * ``bound``: the 2-node split of the swarm benchmark as bare processes: a client with the
