@@ -45,8 +45,8 @@ def schedstat(pid: int) -> tuple[float, float, int]:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 a, b, c = f.read().split()
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
+        except FileNotFoundError:  # the thread ended meanwhile (its time drops out of the sum;
+            continue               # torch and trio keep their threads for the process's life)
         on_cpu, waiting, slices = on_cpu + int(a), waiting + int(b), slices + int(c)
     return on_cpu / 1e9, waiting / 1e9, slices
 
