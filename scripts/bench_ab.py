@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 
 from _clock import TokenClock
+from _splits import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
 
 
 def serve(kind: str, path: str, config: str, new_tokens: int) -> None:
@@ -58,7 +58,7 @@ def serve(kind: str, path: str, config: str, new_tokens: int) -> None:
     from pipeline import DistributedModelForCausalLM
     from pipeline.launch import LocalSwarm
 
-    with LocalSwarm(path, SPLIT[config], threads=1) as swarm, \
+    with LocalSwarm(path, SPLITS[config][2], threads=1) as swarm, \
             DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
         loop(model.generate)
 
@@ -66,7 +66,7 @@ def serve(kind: str, path: str, config: str, new_tokens: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sides", nargs="*", help="NAME=CHECKOUT")
-    ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
+    ap.add_argument("--config", default="tiny", choices=sorted(SPLITS))
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--serve", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)

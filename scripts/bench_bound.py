@@ -53,11 +53,11 @@ import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from _clock import TokenClock
+from _splits import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
 SIDES = ("local", "bound", "bound_trio", "bound_lean", "swarm")
 ALL_SIDES = SIDES + ("bound_spin",)
 SPIN_LEAD = 0.001  # bound_spin: start polling this long before the predicted arrival
@@ -321,7 +321,7 @@ def _bound_generator(path: str, spans: str, mode: str):
 # -- the orchestrator ----------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
+    ap.add_argument("--config", default="tiny", choices=sorted(SPLITS))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sides", default=",".join(SIDES),
@@ -345,7 +345,7 @@ def main() -> None:
     unknown = [k for k in chosen if k not in ALL_SIDES]
     if unknown:
         ap.error(f"unknown sides {unknown}; choose from {', '.join(ALL_SIDES)}")
-    spans = ",".join(f"{a}:{b}" for a, b in SPLIT[args.config])
+    spans = ",".join(f"{a}:{b}" for a, b in SPLITS[args.config][2])
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_tiny_model(Path(tmp) / args.config, args.config))
         sides = {}

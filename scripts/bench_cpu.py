@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+from _splits import SPLITS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM  # noqa: E402
 from pipeline.launch import LocalSwarm  # noqa: E402
 from pipeline.tiny import write_tiny_model  # noqa: E402
-
-SPLIT = {"tiny": [(0, 4), (4, 8)], "small": [(0, 8), (8, 16)]}
 
 
 def schedstat(pid: int) -> tuple[float, float, int]:
@@ -78,7 +78,7 @@ def median_of(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
+    ap.add_argument("--config", default="tiny", choices=sorted(SPLITS))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args()
@@ -88,7 +88,7 @@ def main() -> None:
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
         local = LocalModelForCausalLM.from_pretrained(path)
-        with LocalSwarm(path, SPLIT[args.config], threads=1) as swarm, \
+        with LocalSwarm(path, SPLITS[args.config][2], threads=1) as swarm, \
                 DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
             me = os.getpid()
             swarm_pids = {"client": me} | {f"node{i}": n.proc.pid for i, n in enumerate(swarm.nodes)}
@@ -101,7 +101,7 @@ def main() -> None:
                 swarm_runs.append(measure(model.generate, prompt, args.new_tokens, swarm_pids))
     print(json.dumps({
         "config": args.config, "rounds": args.rounds, "new_tokens": args.new_tokens,
-        "spans": ",".join(f"{a}:{b}" for a, b in SPLIT[args.config]),
+        "spans": ",".join(f"{a}:{b}" for a, b in SPLITS[args.config][2]),
         "per_token": {"local": median_of(local_runs), "swarm_2_nodes": median_of(swarm_runs)},
     }, indent=2))
 

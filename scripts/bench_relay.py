@@ -26,17 +26,16 @@ import tempfile
 from pathlib import Path
 
 from _clock import TokenClock
+from _splits import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-SPLIT = {"tiny": ("0:4", "4:8"), "small": ("0:8", "8:16")}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny", choices=sorted(SPLIT))
+    ap.add_argument("--config", default="tiny", choices=sorted(SPLITS))
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
@@ -54,7 +53,7 @@ def main() -> None:
     if why is not None:
         raise SystemExit(f"cannot build the namespace lab: {why}")
     torch.set_num_threads(1)
-    first_half, second_half = SPLIT[args.config]
+    first_half, second_half = (f"{a}:{b}" for a, b in SPLITS[args.config][2])
     with tempfile.TemporaryDirectory() as tmp, netlab.NetLab() as lab:
         path = write_tiny_model(Path(tmp) / args.config, args.config)
         local = LocalModelForCausalLM.from_pretrained(path)

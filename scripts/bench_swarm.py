@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from _clock import TokenClock
+from _splits import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,10 +38,6 @@ from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM  # noqa:
 from pipeline.launch import LocalSwarm  # noqa: E402
 from pipeline.tiny import write_tiny_model  # noqa: E402
 
-SPLITS = {  # config -> node count -> spans
-    "tiny": {2: [(0, 4), (4, 8)], 3: [(0, 3), (3, 6), (6, 8)]},
-    "small": {2: [(0, 8), (8, 16)], 3: [(0, 6), (6, 11), (11, 16)]},
-}
 FAILOVER = {"tiny": [(0, 3), (3, 6), (3, 6), (6, 8)], "small": [(0, 6), (6, 11), (6, 11), (11, 16)]}
 
 
