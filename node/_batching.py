@@ -166,6 +166,12 @@ class Batcher:
         stats.max_segments = max(stats.max_segments, segments)
         stats.batched_passes += segments > 1
 
+    def forget(self, cache: KVCache) -> None:
+        """A session ended: stop counting it as stepping. Otherwise the next passes would wait
+        out their batch window for a step that never comes (and the next session's first
+        steps would not run inline: it would not be alone)."""
+        self._recent.pop(id(cache), None)
+
     def _alone(self, cache: KVCache) -> bool:
         """No other session stepped in the last RECENT_PASSES passes (none to wait for)."""
         key = id(cache)

@@ -211,6 +211,7 @@ class SpanServer:
         if self.sessions.get(sess.session_id) is sess:
             del self.sessions[sess.session_id]
         self.budget.release(sess.reservation)
+        self.batcher.forget(sess.cache)
         sess.cache = None  # type: ignore[assignment]  # free the memory now, not at the next gc
         if not self.sessions:
             self._idle.set()

@@ -188,6 +188,29 @@ async def test_batcher_passes_equal_unbatched_and_chunk_long_prompts(micro_model
     assert batcher.stats.segments == len(hiddens) + 1
 
 
+async def test_batcher_waits_for_no_step_of_a_session_that_ended(micro_model, mock_clock) -> None:
+    # Virtual time moves only when every task waits on a timer: a batch window waited out for
+    # a session's next step shows as time passing.
+    mock_clock.autojump_threshold = 0
+    span = load_span(micro_model, 0, 4)
+    h = torch.randn(1, 1, 64)
+    span(h, 0, span.new_cache(1, 1))  # torch's first-call set-up, outside the batcher
+    batcher = Batcher()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.serve)
+        ended = span.new_cache(1, 8)
+        for position in range(2):
+            await batcher.run(span, h, position, ended)
+        batcher.forget(ended)  # (the server does this when it closes a session)
+        began = trio.current_time()
+        cache = span.new_cache(1, 8)
+        outs = [await batcher.run(span, h, position, cache) for position in range(3)]
+        assert trio.current_time() == began  # the new session ran at once: no window waited
+        nursery.cancel_scope.cancel()
+    want = span(h, 0, span.new_cache(1, 8))
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_sub_span_shares_the_weights(micro_model) -> None:
     span = load_span(micro_model, 0, 4)
     sub = sub_span(span, 1, 3)
