@@ -315,10 +315,9 @@ class Chain:
         return None
 
     def _failed_link(self, step_id: int, position: int, deadline: float) -> _Link | None:
-        for i, link in enumerate(self.links):
+        for link in self.links:
             if link.broken is not None:
                 return link
-            # an upstream node could not push to this one (and this link predates the step)
         if trio.current_time() >= deadline:
             # the first hop that has not produced this step's output is the slow one
             for link in self.links:
