@@ -31,6 +31,7 @@ import torch
 import trio
 
 from pipeline import KVCache, Segment, Span
+from pipeline._threads import start_thread
 
 logger = logging.getLogger("lamina.node")
 
@@ -258,8 +259,7 @@ class ComputeThread:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="lamina-compute", daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._loop, "lamina-compute")
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -9,7 +9,7 @@ Failover: a hop whose stream breaks (SIGKILL: milliseconds), whose stream goes s
 the p2p heartbeat watchdog, about 2.2 s), or that lets a step's deadline pass, is replaced by
 one or more servers covering exactly its blocks (chosen from the swarm view, excluding failed
 peers; waiting up to `failover_deadline` for one to appear). The replacement gets the lost
-span's stored inputs replayed in their original chunking (so its cache is bit-identical), is
+span's stored inputs replayed in their original chunking (same shapes: bit-identical when run alone), is
 wired between the surviving neighbours, and the interrupted step is resent from the
 replacement. Downstream caches stay valid: a resent step rewrites the same positions with the
 same values. The number of failovers per step is bounded.

@@ -35,6 +35,7 @@ from ._generation import GenerationConfig, Streamer, agenerate
 from ._local import CausalLMOutput
 from ._routing import RouteOptions
 from ._swarm import SWARM_TOPIC, SwarmView, now_ms
+from ._threads import start_thread
 from ._tokenizer import Tokenizer
 
 log = logging.getLogger("lamina.client")
@@ -216,8 +217,7 @@ class _TrioThread:
         self.token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self.nursery: trio.Nursery | None = None
-        self._thread = threading.Thread(target=self._main, name="lamina-client", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._main, "lamina-client")
         self._ready.wait()
 
     def _main(self) -> None:

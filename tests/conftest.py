@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 
 # Tests share the cores with the node processes they start: one intra-op thread each avoids
 # OpenMP spin-waiting on oversubscribed cores (10x slowdowns measured on 2 cores).
-torch.set_num_threads(1)
+# LAMINA_TEST_THREADS runs the suite with another count (the exactness tests hold for any).
+torch.set_num_threads(int(os.environ.get("LAMINA_TEST_THREADS", "1")))
 
 # family name -> transformers config kwargs (small, but exercising each family's specifics)
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -43,6 +45,28 @@ def write_hf_checkpoint(directory: Path, family: str, seed: int = 0, **overrides
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         model.save_pretrained(directory)
     return directory
+
+
+# Token-equality tests compare greedy tokens computed by different kernels: transformers' and
+# ours, one thread and another, a pass alone and one batched with other sessions. Those agree to
+# float rounding only (logits within 1e-6 here, measured; the bits depend on the machine), so a
+# choice between two logits closer than that could go either way on another machine. Every
+# reference a test compares tokens against is checked first: each of its greedy choices leads
+# the runner-up by more than GREEDY_LEAD, so equal tokens are what any machine must produce.
+# A reference that fails this check needs another prompt, never a looser comparison.
+GREEDY_LEAD = 1e-5
+
+
+def assert_decisive(model, tokens: torch.Tensor, new: int) -> torch.Tensor:
+    """Check that the last `new` tokens of `tokens` (rows of prompt + greedy output) are each
+    the argmax of `model(tokens).logits` by more than GREEDY_LEAD; returns `tokens`."""
+    with torch.no_grad():
+        logits = model(tokens).logits[:, -new - 1:-1].float()
+    assert torch.equal(logits.argmax(-1), tokens[:, -new:]), "not a greedy continuation"
+    top = logits.topk(2, dim=-1).values
+    lead = (top[..., 0] - top[..., 1]).min().item()
+    assert lead > GREEDY_LEAD, f"a greedy choice of this reference leads by only {lead:.1e}: pick another prompt"
+    return tokens
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import torch
 import trio
 
 import netlab
+from conftest import assert_decisive
 from crdt import peer_id_to_str
 from node._server import PUSH_OPEN_GRACE
 from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
@@ -42,7 +43,7 @@ def _args(host: netlab.LabHost, blocks: str, join: list[str] | None) -> list[str
 
 def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model, local, tmp_path, caplog):
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
-    expected = local.generate(prompt, max_new_tokens=16, eos_token_id=[])
+    expected = assert_decisive(local, local.generate(prompt, max_new_tokens=16, eos_token_id=[]), 16)
     with netlab.NetLab() as lab:
         hub_host, a_host, b_host = lab.add_host(), lab.add_host(), lab.add_host()
         lab.cut(a_host, b_host)
@@ -75,7 +76,8 @@ def test_nodes_that_cannot_reach_each_other_are_relayed_by_the_client(tiny_model
         finally:
             swarm.stop()
     assert torch.equal(out, expected) and torch.equal(again, expected)
-    assert torch.equal(torch.cat([out, more], dim=1), local.generate(prompt, max_new_tokens=20, eos_token_id=[]))
+    assert torch.equal(torch.cat([out, more], dim=1),
+                       assert_decisive(local, local.generate(prompt, max_new_tokens=20, eos_token_id=[]), 20))
     relayed = [r for r in caplog.records if "the client relays between them" in r.getMessage()]
     assert len(relayed) == 1, [r.getMessage() for r in caplog.records]
     # the first step waits PUSH_OPEN_GRACE for the push stream (not the 10 s dial deadline),
@@ -91,7 +93,7 @@ async def _sees(view, model_hash: str, peer_id: str) -> None:
 
 def test_a_relayed_node_that_dies_is_replaced_and_pushed_to_directly(tiny_model, local, tmp_path):
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
-    expected = local.generate(prompt, max_new_tokens=24, eos_token_id=[])
+    expected = assert_decisive(local, local.generate(prompt, max_new_tokens=24, eos_token_id=[]), 24)
     with netlab.NetLab() as lab:
         hub_host, a_host, b_host, c_host = (lab.add_host() for _ in range(4))
         lab.cut(a_host, b_host)
@@ -126,7 +128,7 @@ def test_an_unreachable_lane_port_falls_back_to_libp2p_once(tiny_model, local, t
     """b's lane port drops packets: the client's session with b and a's push to b stay on
     libp2p (a does not give up on b: the lane's time-out is shorter than the push grace)."""
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time")])
-    expected = local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    expected = assert_decisive(local, local.generate(prompt, max_new_tokens=8, eos_token_id=[]), 8)
     lane_port = 7101
     with netlab.NetLab() as lab:
         a_host, b_host = lab.add_host(), lab.add_host()

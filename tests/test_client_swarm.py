@@ -18,7 +18,7 @@ import pytest
 import torch
 import trio
 
-from conftest import FAMILIES
+from conftest import FAMILIES, assert_decisive
 from pipeline import AsyncDistributedModelForCausalLM, DistributedModelForCausalLM, LocalModelForCausalLM
 from pipeline._chain import NoReplacementError
 from pipeline.launch import LocalSwarm
@@ -36,6 +36,7 @@ def test_generate_and_logits_match_transformers(family, hf_checkpoint):
         with torch.no_grad():
             ref_tokens = hf.generate(PROMPT, max_new_tokens=32, do_sample=False, pad_token_id=0)
             ref_logits = hf(PROMPT).logits
+        assert_decisive(hf, ref_tokens, 32)
         assert torch.equal(model.generate(PROMPT, max_new_tokens=32), ref_tokens)
         assert (model(PROMPT).logits - ref_logits).abs().max().item() < 1e-4
 
@@ -64,7 +65,7 @@ class KillAfter:
 def tiny_reference(tiny_model):
     local = LocalModelForCausalLM.from_pretrained(tiny_model)
     prompt = torch.tensor([local.tokenizer.encode("Once upon a time, in a small village")])
-    return prompt, local.generate(prompt, max_new_tokens=24, eos_token_id=[])
+    return prompt, assert_decisive(local, local.generate(prompt, max_new_tokens=24, eos_token_id=[]), 24)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
@@ -169,7 +170,8 @@ def tiny_local(tiny_model):
 
 def test_two_clients_share_nodes_and_get_their_own_tokens(tiny_model, tiny_swarm, tiny_local):
     prompts = [torch.tensor([[5, 17, 300, 41]]), torch.tensor([[900, 3, 3, 77, 12, 8]])]
-    expected = [tiny_local.generate(p, max_new_tokens=20, eos_token_id=[]) for p in prompts]
+    expected = [assert_decisive(tiny_local, tiny_local.generate(p, max_new_tokens=20, eos_token_id=[]), 20)
+                for p in prompts]
     results: dict[int, torch.Tensor] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(2)
@@ -195,7 +197,7 @@ def test_two_clients_share_nodes_and_get_their_own_tokens(tiny_model, tiny_swarm
 
 def test_session_continues_across_generate_calls(tiny_model, tiny_swarm, tiny_local):
     prompt = torch.tensor([[7, 8, 9, 10]])
-    whole = tiny_local.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    whole = assert_decisive(tiny_local, tiny_local.generate(prompt, max_new_tokens=12, eos_token_id=[]), 12)
     with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=tiny_swarm.initial_peers) as model:
         with model.inference_session(max_length=64) as session:
             first = model.generate(prompt, max_new_tokens=6, eos_token_id=[])
@@ -210,7 +212,7 @@ def test_session_continues_across_generate_calls(tiny_model, tiny_swarm, tiny_lo
 def test_sync_api_works_inside_a_running_event_loop(tiny_model, tiny_swarm, tiny_local):
     """As in Jupyter: the caller's thread already runs an (asyncio) event loop."""
     prompt = torch.tensor([[42, 43, 44]])
-    expected = tiny_local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    expected = assert_decisive(tiny_local, tiny_local.generate(prompt, max_new_tokens=8, eos_token_id=[]), 8)
 
     async def notebook_cell():
         assert asyncio.get_running_loop().is_running()
@@ -222,7 +224,7 @@ def test_sync_api_works_inside_a_running_event_loop(tiny_model, tiny_swarm, tiny
 
 async def test_async_api_for_trio_programs(tiny_model, tiny_swarm, tiny_local):
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    expected = tiny_local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    expected = assert_decisive(tiny_local, tiny_local.generate(prompt, max_new_tokens=8, eos_token_id=[]), 8)
     async with AsyncDistributedModelForCausalLM.from_pretrained(
             tiny_model, initial_peers=tiny_swarm.initial_peers) as model:
         out = await model.generate(prompt, max_new_tokens=8, eos_token_id=[])
@@ -232,7 +234,8 @@ async def test_async_api_for_trio_programs(tiny_model, tiny_swarm, tiny_local):
 
 
 def test_cli_generates_through_the_swarm(tiny_model, tiny_swarm, tiny_local):
-    expected = tiny_local.generate(torch.tensor([[9, 8, 7]]), max_new_tokens=6, eos_token_id=[])
+    expected = assert_decisive(tiny_local, tiny_local.generate(torch.tensor([[9, 8, 7]]), max_new_tokens=6,
+                                                               eos_token_id=[]), 6)
     r = subprocess.run([sys.executable, "-m", "pipeline", "generate", "--model", str(tiny_model),
                         "--initial-peers", *tiny_swarm.initial_peers, "--input-ids", "9,8,7",
                         "--max-new-tokens", "6", "--threads", "1", "--no-eos", "--show-route"],

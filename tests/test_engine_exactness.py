@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES
+from conftest import FAMILIES, assert_decisive
 from pipeline import LocalModelForCausalLM, load_client_head, load_span
 
 torch.manual_seed(1234)
@@ -56,6 +56,7 @@ def test_greedy_generation_matches_transformers(family):
     _, hf, ours = family
     with torch.no_grad():
         ref = hf.generate(PROMPT, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert_decisive(hf, ref, 32)
     got = ours.generate(PROMPT, max_new_tokens=32)
     assert got.shape == (2, PROMPT.shape[1] + 32)
     assert torch.equal(got, ref)
