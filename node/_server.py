@@ -33,7 +33,7 @@ from torch import nn
 
 import p2p
 from pipeline import LaminaError, Span
-from pipeline._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, PUSH_PROTOCOL, CloseSession,
+from pipeline._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, PUSH_PROTOCOL, CloseSession,
                                 InfoRequest, NodeInfo, OpenSession, PushFailed, PushOpen, Replay,
                                 SessionOpened, SetNextHop, Step, StepFailed, StepResult)
 
@@ -63,7 +63,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare 
 
 class ServerState:
     JOINING = "joining"
-    ONLINE = "online"
+    ONLINE = ONLINE
     DRAINING = "draining"
     OFFLINE = "offline"
 

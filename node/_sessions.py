@@ -19,15 +19,9 @@ import trio
 
 import p2p
 from pipeline import KVCache, Span
-from pipeline._protocol import Replay, Step
-
-# Error codes the node sends (error frames on open, `StepFailed.code` on steps).
-BUSY = p2p.ErrorCode.BUSY  # no KV memory or session slot left now: try another node
-DRAINING = "draining"  # the node is leaving: it takes no new sessions
-BAD_REQUEST = p2p.ErrorCode.BAD_REQUEST  # the message does not fit the session (or the node)
-UNKNOWN_SESSION = "unknown_session"  # no such session here (closed, idled out, never opened)
-IDLE_TIMEOUT = "idle_timeout"  # the session sat idle too long and was closed
-INTERNAL = p2p.ErrorCode.INTERNAL  # the forward pass failed unexpectedly
+# The error codes are the protocol's (pipeline/_protocol.py): the client reads them too.
+from pipeline._protocol import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INTERNAL,  # noqa: F401
+                                UNKNOWN_SESSION, Replay, Step)
 
 
 class StepError(Exception):

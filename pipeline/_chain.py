@@ -32,8 +32,9 @@ import trio
 import p2p
 
 from ._errors import LaminaError
-from ._protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, PushFailed, Replay,
-                        SessionOpened, SetNextHop, Step, StepFailed, StepResult, new_session_id)
+from ._protocol import (BAD_REQUEST, IDLE_TIMEOUT, INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE,
+                        UNKNOWN_SESSION, CloseSession, InfoRequest, NodeInfo, OpenSession, PushFailed,
+                        Replay, SessionOpened, SetNextHop, Step, StepFailed, StepResult, new_session_id)
 from ._routing import Hop, NoRouteError, RouteOptions, choose_route, describe_route
 from ._swarm import now_ms
 
@@ -63,6 +64,9 @@ class ChainConfig:
 
 
 UNPUSHABLE_TTL = 300.0  # seconds a pair that could not push is relayed without trying again
+PROBE_TIMEOUT = 3.0  # a node whose session ended must answer an InfoRequest within this to be kept
+# Error codes with which a node ends a session it no longer holds: the node answered, so it is alive.
+_SESSION_GONE = frozenset({IDLE_TIMEOUT, UNKNOWN_SESSION})
 
 
 def unpushable_pairs() -> p2p.ExpiringSet:
@@ -112,6 +116,8 @@ class Chain:
         self.links: list[_Link] = []
         self.position = 0
         self.failovers = 0                                  # over the chain's life
+        self.reopened = 0                                   # sessions re-opened on a live node
+        self._reopened_in_step: set[str] = set()            # peers re-opened during this step
         self._excluded: set[str] = set()
         self._history: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}  # boundary -> pos -> (step, h)
         self._final: dict[int, torch.Tensor] = {}            # the current step's result
@@ -176,6 +182,7 @@ class Chain:
         self._next_step += 1
         self._current = step_id
         self._final.clear()
+        self._reopened_in_step.clear()
         self._remember(0, position, step_id, hidden)
         try:
             await self._send_step(self.links[0], step_id, position, hidden)
@@ -304,13 +311,16 @@ class Chain:
     def _push_failed_into(self, step_id: int) -> _Link | None:
         """The first link whose upstream reported it could not push this step to it (once). A
         report about a link that has been replaced since (its node died while the upstream
-        pushed to it) names a target no longer in the chain and blames no one."""
+        pushed to it) names a target no longer in the chain and blames no one; so does one about
+        a broken link (the target session is gone, the link is about to be replaced)."""
         failed = self._push_failed.get(step_id)
         if not failed:
             return None
         for up, link in zip(self.links, self.links[1:]):
             if (up.session_id, link.session_id) in failed:
                 failed.discard((up.session_id, link.session_id))
+                if link.broken is not None:  # its session is gone: it is replaced, not relayed to
+                    continue
                 return link
         return None
 
@@ -336,14 +346,24 @@ class Chain:
     async def _replace(self, bad: _Link, step_id: int, position: int) -> _Link:
         """Swap `bad` for server(s) covering its blocks; returns the link to resend the step to."""
         i = self.links.index(bad)
-        log.warning("node %s [%d:%d) failed (%s); rerouting", bad.hop.peer_id, bad.start, bad.end,
-                    bad.broken)
-        self._excluded.add(bad.hop.peer_id)
+        peer = bad.hop.peer_id
+        same_node = peer not in self._reopened_in_step and await self._session_lost(bad)
+        if same_node:
+            self._reopened_in_step.add(peer)
+            self.reopened += 1
+            log.warning("session on node %s [%d:%d) was lost (%s), but the node answers: re-opening "
+                        "a session on it and replaying", peer, bad.start, bad.end, bad.broken)
+        else:
+            log.warning("node %s [%d:%d) failed (%s); rerouting", peer, bad.start, bad.end, bad.broken)
+            self._excluded.add(peer)
         await self._drop(bad, polite=False)
         deadline = trio.current_time() + self.config.failover_deadline
         while True:
             nxt = self.links[i + 1] if i + 1 < len(self.links) else None
-            route = await self._route(bad.start, bad.end, deadline=deadline)
+            if same_node:   # first the node that lost the session; then whatever the router finds
+                route, same_node = [bad.hop], False
+            else:
+                route = await self._route(bad.start, bad.end, deadline=deadline)
             try:
                 # the new hops push to each other during the replay: no relaying among them
                 new = await self._open_links(route, None, may_relay=False)
@@ -375,6 +395,28 @@ class Chain:
             if self.config.show_route:
                 log.warning("new route: %s", describe_route(self.route))
             return new[0]
+
+    async def _session_lost(self, link: _Link) -> bool:
+        """Whether `link` broke because its node dropped our session, not because the node
+        failed. Evidence that the node is alive: it said so (an error frame that ends the
+        session, like `idle_timeout` after this client paused), or it answers an InfoRequest
+        on a fresh stream, serving our model, ONLINE. A node that went silent while we were
+        running (our watchdog, the step deadline) has failed: no probe."""
+        err = link.broken
+        if isinstance(err, p2p.RemoteError):
+            return err.code in _SESSION_GONE
+        if isinstance(err, (p2p.PeerFrozenError, p2p.PeerTimeoutError)):
+            return False
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                reply = await self.host.request(link.hop.peer_id, INFO_PROTOCOL, InfoRequest())
+            except (p2p.P2PError, OSError) as e:
+                log.info("node %s does not answer (%s)", link.hop.peer_id, e)
+                return False
+            return (isinstance(reply, NodeInfo) and reply.model == self.model_hash and reply.state == ONLINE
+                    and reply.start <= link.start and link.end <= reply.end)
+        log.info("node %s does not answer within %.0f s", link.hop.peer_id, PROBE_TIMEOUT)
+        return False
 
     async def _replay(self, new: list[_Link], boundary: int, position: int) -> None:
         """Rebuild the new links' caches from the inputs stored at `boundary` before `position`."""
@@ -529,7 +571,7 @@ class Chain:
                 else:
                     self._remember(link.end, msg.position, msg.step_id, out)
         elif isinstance(msg, StepFailed):
-            if msg.code == "bad_request":
+            if msg.code == BAD_REQUEST:
                 self._step_errors[msg.step_id] = msg
             else:
                 link.broken = p2p.RemoteError(msg.code, msg.message)

@@ -31,7 +31,7 @@ import p2p
 from ._chain import Chain, ChainConfig, unpushable_pairs
 from ._checkpoint import Checkpoint, load_client_head
 from ._errors import LaminaError
-from ._generation import GenerationConfig, Streamer, agenerate
+from ._generation import GenerationConfig, Streamer, agenerate, generate
 from ._local import CausalLMOutput
 from ._routing import RouteOptions
 from ._swarm import SWARM_TOPIC, SwarmView, now_ms
@@ -159,6 +159,10 @@ class AsyncDistributedModelForCausalLM:
 
     # --- HF-style calls ------------------------------------------------------------------
     async def forward(self, input_ids: torch.Tensor, session: RemoteSession | None = None) -> CausalLMOutput:
+        with _clear_errors():
+            return await self._forward(input_ids, session)
+
+    async def _forward(self, input_ids: torch.Tensor, session: RemoteSession | None) -> CausalLMOutput:
         ids = _as_batch(input_ids)
         if session is not None:
             run = ids if session.pending is None else torch.cat([session.pending, ids], dim=1)
@@ -171,32 +175,55 @@ class AsyncDistributedModelForCausalLM:
 
     async def generate(self, input_ids: torch.Tensor | None, *, streamer: Streamer | None = None,
                        session: RemoteSession | None = None, **generation: Any) -> torch.Tensor:
+        """HF-style generate. The streamer (and everything else of the caller's) runs on this
+        event loop: while it blocks, this client's network I/O waits too, heartbeats included.
+        Nodes drop sessions that sent nothing for `p2p.HEARTBEAT_TIMEOUT` (2 s); the client
+        then re-opens them on the same nodes and replays, so the tokens are the same, at the
+        cost of a replay. Slow work belongs in a thread (or use the synchronous class, whose
+        streamer runs in the caller's thread)."""
+        with _clear_errors():
+            ids, cfg = self._generation_request(input_ids, session, generation)
+            if session is None:
+                max_length = ids.shape[1] + cfg.max_new_tokens
+                async with self.inference_session(max_length=max_length, batch=ids.shape[0]) as s:
+                    return await self._generate_in(s, ids, cfg, streamer)
+            return await self._generate_in(session, ids, cfg, streamer)
+
+    def _generation_request(self, input_ids: torch.Tensor | None, session: RemoteSession | None,
+                            generation: dict[str, Any]) -> tuple[torch.Tensor, GenerationConfig]:
+        """The checked ids and options of a generate call."""
         cfg = GenerationConfig.build(self.config.eos_token_ids, **generation)
         if input_ids is None:
             # continue a session from the token its last generate call produced
             if session is None or session.pending is None:
                 raise ValueError("input_ids=None continues an inference session; there is none to continue")
-            ids = session.pending[:, :0]
-        else:
-            ids = _as_batch(input_ids)
-        if session is None:
-            max_length = ids.shape[1] + cfg.max_new_tokens
-            async with self.inference_session(max_length=max_length, batch=ids.shape[0]) as s:
-                return await self._generate_in(s, ids, cfg, streamer)
-        return await self._generate_in(session, ids, cfg, streamer)
+            return session.pending[:, :0], cfg
+        return _as_batch(input_ids), cfg
 
-    async def _generate_in(self, session: RemoteSession, ids: torch.Tensor, cfg: GenerationConfig,
-                           streamer: Streamer | None) -> torch.Tensor:
+    @staticmethod
+    def _session_input(session: RemoteSession, ids: torch.Tensor, cfg: GenerationConfig) -> tuple[torch.Tensor, int]:
+        """What a generate call on `session` runs first (the pending token, then `ids`), and at
+        which position."""
         run = ids if session.pending is None else torch.cat([session.pending, ids], dim=1)
         start = session.position
         if start + run.shape[1] + cfg.max_new_tokens > session.chain.max_length + 1:
             raise ValueError(f"the session's max_length {session.chain.max_length} is too short "
                              f"for {start} + {run.shape[1]} + {cfg.max_new_tokens} tokens")
-        out = await agenerate(session.chain.step, self.head, run, cfg, streamer, start=start)
+        return run, start
+
+    @staticmethod
+    def _session_output(session: RemoteSession, ids: torch.Tensor, run: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
         # the last token generated has not been run through the blocks yet (and with
         # max_new_tokens=0, nothing has): it opens the next call on this session
         session.pending = out[:, -1:] if out.shape[1] > run.shape[1] else run
         return out[:, run.shape[1] - ids.shape[1]:]
+
+    async def _generate_in(self, session: RemoteSession, ids: torch.Tensor, cfg: GenerationConfig,
+                           streamer: Streamer | None) -> torch.Tensor:
+        run, start = self._session_input(session, ids, cfg)
+        out = await agenerate(session.chain.step, self.head, run, cfg, streamer, start=start)
+        return self._session_output(session, ids, run, out)
 
 
 def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
@@ -252,7 +279,8 @@ class _TrioThread:
     def run(self, afn, *args):
         if self.token is None:
             raise RuntimeError("the client's event loop is not running") from self._error
-        return trio.from_thread.run(afn, *args, trio_token=self.token)
+        with _clear_errors():
+            return trio.from_thread.run(afn, *args, trio_token=self.token)
 
     def stop(self) -> None:
         if self.token is not None and self._stop is not None:
@@ -300,11 +328,29 @@ class DistributedModelForCausalLM:
     def __call__(self, input_ids: torch.Tensor) -> CausalLMOutput:
         return self._runner.run(lambda: self._model.forward(input_ids, self._active))
 
-    def generate(self, input_ids: torch.Tensor, *, streamer: Streamer | None = None,
+    def generate(self, input_ids: torch.Tensor | None, *, streamer: Streamer | None = None,
                  session: RemoteSession | None = None, **generation: Any) -> torch.Tensor:
+        """HF-style generate. The generation loop (embeddings, LM head, sampling, the
+        streamer) runs in the caller's thread; only the steps through the swarm run on the
+        client's event loop, which keeps the sessions alive however long the streamer takes."""
         session = session or self._active
-        return self._runner.run(lambda: self._model.generate(
-            input_ids, streamer=streamer, session=session, **generation))
+        model = self._model
+        ids, cfg = model._generation_request(input_ids, session, generation)
+        if session is None:
+            with self.inference_session(max_length=ids.shape[1] + cfg.max_new_tokens, batch=ids.shape[0]) as s:
+                return self._generate_in(s, ids, cfg, streamer)
+        return self._generate_in(session, ids, cfg, streamer)
+
+    def _generate_in(self, session: RemoteSession, ids: torch.Tensor, cfg: GenerationConfig,
+                     streamer: Streamer | None) -> torch.Tensor:
+        model = self._model
+        run, start = model._session_input(session, ids, cfg)
+
+        def step(hidden: torch.Tensor, position: int) -> torch.Tensor:
+            return self._runner.run(session.chain.step, hidden, position)
+
+        out = generate(step, model.head, run, cfg, streamer, start=start)
+        return model._session_output(session, ids, run, out)
 
     @contextmanager
     def inference_session(self, max_length: int | None = None, batch: int = 1) -> Iterator[RemoteSession]:
@@ -344,6 +390,35 @@ class DistributedModelForCausalLM:
 
 async def _set_async(event: trio.Event) -> None:
     event.set()
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """What the client's calls raise: one exception, never a trio `ExceptionGroup` (a nursery
+    wraps whatever crosses it), and a failure of the network as a `LaminaError` saying so."""
+    try:
+        yield
+    except BaseExceptionGroup as group:  # noqa: F821 - py3.11 builtin
+        leaves = _leaves(group)
+        chosen = next((e for e in leaves if isinstance(e, LaminaError)), None) \
+            or next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+        raise _as_client_error(chosen) from chosen.__cause__
+    except p2p.P2PError as e:
+        raise _as_client_error(e) from e
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):  # noqa: F821
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
+
+
+def _as_client_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, p2p.P2PError):
+        err = SwarmUnavailableError(f"the swarm connection failed: {exc}")
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 def _first_error(eg: BaseException) -> BaseException:

@@ -34,6 +34,16 @@ INFERENCE_PROTOCOL = "/lamina/inference/1"
 PUSH_PROTOCOL = "/lamina/push/1"
 INFO_PROTOCOL = "/lamina/info/1"
 
+# Error codes a node sends (error frames on open, `StepFailed.code` on steps).
+BUSY = p2p.ErrorCode.BUSY  # no KV memory or session slot left now: try another node
+DRAINING = "draining"  # the node is leaving: it takes no new sessions
+BAD_REQUEST = p2p.ErrorCode.BAD_REQUEST  # the message does not fit the session (or the node)
+UNKNOWN_SESSION = "unknown_session"  # no such session here (closed, idled out, never opened)
+IDLE_TIMEOUT = "idle_timeout"  # the session sat idle too long and was closed
+INTERNAL = p2p.ErrorCode.INTERNAL  # the forward pass failed unexpectedly
+# States a node reports in `NodeInfo.state`.
+ONLINE = "online"
+
 MAX_BATCH = 64
 MAX_LENGTH = 1 << 20
 MAX_BLOCK = 4096
