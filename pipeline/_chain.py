@@ -3,14 +3,15 @@
 The client opens one `/lamina/inference/1` stream per hop and wires each hop to push its output
 straight to the next one. A step goes client -> n1 -> n2 -> ... and the last node's output comes
 back to the client; every node also echoes its output to the client, which keeps each span
-boundary's inputs (`_history`) so it can replay them.
+boundary's inputs (`_failover.History`) so it can replay them. What to do when is decided by
+`_failover.Plan` (no I/O); this module does the I/O it calls for.
 
 Failover: a hop whose stream breaks (SIGKILL: milliseconds), whose stream goes silent (SIGSTOP:
 the p2p heartbeat watchdog, about 2.2 s), or that lets a step's deadline pass, is replaced by
 one or more servers covering exactly its blocks (chosen from the swarm view, excluding failed
 peers; waiting up to `failover_deadline` for one to appear). The replacement gets the lost
-span's stored inputs replayed in their original chunking (same shapes: bit-identical when run alone), is
-wired between the surviving neighbours, and the interrupted step is resent from the
+span's stored inputs replayed in their original chunking (same shapes: bit-identical when run
+alone), is wired between the surviving neighbours, and the interrupted step is resent from the
 replacement. Downstream caches stay valid: a resent step rewrites the same positions with the
 same values. The number of failovers per step is bounded.
 
@@ -18,6 +19,10 @@ A node that cannot push to the next one (a NAT or firewall between two nodes the
 reaches) reports `PushFailed`; the client then tells it to stop pushing and relays between the
 two itself for the rest of the session: one more hop per step, the same tokens. The client
 remembers the pair (`UNPUSHABLE_TTL`), so its next sessions relay between them from the start.
+
+A link that broke because its node dropped our session (this client paused past the heartbeat
+timeout, or idled past the node's idle timeout) is not a failed node: when the node says so or
+answers a probe, the session is re-opened on it and replayed (`Chain._session_lost`).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import trio
 import p2p
 
 from ._errors import LaminaError
-from ._protocol import (BAD_REQUEST, IDLE_TIMEOUT, INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE,
-                        UNKNOWN_SESSION, CloseSession, InfoRequest, NodeInfo, OpenSession, PushFailed,
-                        Replay, SessionOpened, SetNextHop, Step, StepFailed, StepResult, new_session_id)
+from ._failover import ALIVE, PROBE, Finished, LinkState, Plan, Refused, Relay, Replace, Send, verdict
+from ._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, CloseSession, InfoRequest, NodeInfo,
+                        OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step, StepFailed,
+                        StepResult, new_session_id)
 from ._routing import Hop, NoRouteError, RouteOptions, choose_route, describe_route
 from ._swarm import now_ms
 
@@ -65,8 +71,6 @@ class ChainConfig:
 
 UNPUSHABLE_TTL = 300.0  # seconds a pair that could not push is relayed without trying again
 PROBE_TIMEOUT = 3.0  # a node whose session ended must answer an InfoRequest within this to be kept
-# Error codes with which a node ends a session it no longer holds: the node answered, so it is alive.
-_SESSION_GONE = frozenset({IDLE_TIMEOUT, UNKNOWN_SESSION})
 
 
 def unpushable_pairs() -> p2p.ExpiringSet:
@@ -74,34 +78,22 @@ def unpushable_pairs() -> p2p.ExpiringSet:
     return p2p.ExpiringSet(UNPUSHABLE_TTL)
 
 
-@dataclass(eq=False)
-class _Link:
-    """One hop of the chain: a node's session and the stream to it."""
+@dataclass(eq=False, kw_only=True)
+class _Link(LinkState):
+    """One hop of the chain: what the plan knows of it, plus its node's session and stream."""
 
     hop: Hop
-    session_id: str
     session: p2p.Session
     cancel: trio.CancelScope            # of the task that owns the stream (see Chain._run_link)
-    broken: BaseException | None = None
     # The last link's stream is read by the stepping task itself while all is well (see
     # Chain._read_final): `lent` is set then, and the link's own task waits for it to be set.
     lent: trio.Event | None = None
     reading: trio.CancelScope | None = None  # the link task's reading, to stop it when lent
-    # Its node could not push to the next link (a NAT or firewall between them, while the
-    # client reaches both): the node no longer pushes, and the client carries each result on.
-    relay: bool = False
-
-    @property
-    def start(self) -> int:
-        return self.hop.start
-
-    @property
-    def end(self) -> int:
-        return self.hop.end
 
 
 class Chain:
-    """A session through the swarm covering blocks [0, num_blocks). Use `open`/`step`/`close`."""
+    """A session through the swarm covering blocks [0, num_blocks). Use `open`/`step`/`close`.
+    The decisions are `_failover.Plan`'s; this class does the I/O they call for."""
 
     def __init__(self, host: p2p.Host, view, model_hash: str, num_blocks: int, *, batch: int,
                  max_length: int, dtype: torch.dtype, config: ChainConfig,
@@ -113,19 +105,10 @@ class Chain:
         self.unpushable = unpushable if unpushable is not None else unpushable_pairs()
         self.num_blocks, self.batch, self.max_length = num_blocks, batch, max_length
         self.dtype, self.config = dtype, config
-        self.links: list[_Link] = []
+        self.plan = Plan(num_blocks, config.max_failovers)
         self.position = 0
-        self.failovers = 0                                  # over the chain's life
         self.reopened = 0                                   # sessions re-opened on a live node
-        self._reopened_in_step: set[str] = set()            # peers re-opened during this step
         self._excluded: set[str] = set()
-        self._history: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}  # boundary -> pos -> (step, h)
-        self._final: dict[int, torch.Tensor] = {}            # the current step's result
-        self._latest: dict[str, int] = {}                    # session id -> last step id echoed
-        self._current = -1
-        self._step_errors: dict[int, StepFailed] = {}
-        # step id -> (session id, target session id) of the pushes that failed
-        self._push_failed: dict[int, set[tuple[str, str]]] = {}
         self._next_step = 0
         self._changed = trio.Event()
         self._fast: _Link | None = None                     # the link Chain._read_final reads
@@ -133,6 +116,19 @@ class Chain:
         self._timer = trio.CancelScope()                     # _watch_deadline's, until close
         self._nursery: trio.Nursery | None = None
         self._closed = False
+
+    @property
+    def links(self) -> list[_Link]:
+        return self.plan.links  # type: ignore[return-value]  # the driver puts only _Links there
+
+    @links.setter
+    def links(self, links: list[_Link]) -> None:
+        self.plan.links = links  # type: ignore[assignment]
+
+    @property
+    def failovers(self) -> int:
+        """Failovers over the chain's life (re-opened sessions included)."""
+        return self.plan.failovers
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self, nursery: trio.Nursery) -> None:
@@ -180,22 +176,19 @@ class Chain:
             hidden = hidden.to(self.dtype).contiguous()
         step_id = self._next_step
         self._next_step += 1
-        self._current = step_id
-        self._final.clear()
-        self._reopened_in_step.clear()
-        self._remember(0, position, step_id, hidden)
+        self.plan.begin(step_id, position, hidden)
         try:
             await self._send_step(self.links[0], step_id, position, hidden)
         except p2p.P2PError as e:    # failover takes it from here
-            self.links[0].broken = self.links[0].broken or e
-        self._deadline = deadline = trio.current_time() + self.config.step_timeout
-        out = await self._read_final(step_id)
+            self.plan.on_broken(self.links[0], e)
+        self._deadline = trio.current_time() + self.config.step_timeout
+        out = await self._read_final()
         if out is None:
-            out = await self._await_final(step_id, position, t, deadline)
+            out = await self._await_final(position)
         self.position = position + t
         return out
 
-    async def _read_final(self, step_id: int) -> torch.Tensor | None:
+    async def _read_final(self) -> torch.Tensor | None:
         """The usual case, without a task switch per step: read the last link's stream in this
         task until the step's result arrives. None as soon as anything needs attention (a
         broken link, a refused step or push, the deadline: `_wake` interrupts the read): the
@@ -203,9 +196,8 @@ class Chain:
         libp2p stream cannot be interrupted: its link's task reads it)."""
         final = self.links[-1]
         session = final.session
-        if any(link.broken is not None or link.relay for link in self.links) \
-                or step_id in self._step_errors or self._push_failed.get(step_id) \
-                or session.transport != "lane":
+        plan = self.plan
+        if not plan.quiet() or session.transport != "lane":
             self._give_back(final)
             return None
         if final.lent is None:  # stop the link's task reading (it waits until given back)
@@ -214,19 +206,19 @@ class Chain:
                 final.reading.cancel()
         self._fast = final
         try:
-            while step_id not in self._final and final.broken is None:
+            while (out := plan.take_final()) is None and final.broken is None:
                 self._on_message(final, await session.receive())
         except p2p.ReceiveInterrupted:
-            pass
+            out = plan.take_final()
         except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            final.broken = final.broken or e
+            plan.on_broken(final, e)
+            out = plan.take_final()
         finally:
             self._fast = None
             session.clear_interrupt()
-        if step_id in self._final:
-            return self._final.pop(step_id)
-        self._give_back(final)
-        return None
+        if out is None:
+            self._give_back(final)
+        return out
 
     async def _watch_deadline(self) -> None:
         """Interrupt `_read_final` when a step's deadline passes. The stepping task only moves
@@ -246,110 +238,59 @@ class Chain:
             lent, link.lent = link.lent, None
             lent.set()
 
-    async def _await_final(self, step_id: int, position: int, t: int, deadline: float) -> torch.Tensor:
-        failovers = 0
-        resend_to: _Link | None = None
-        relayed: set[int] = set()            # id() of the links this step was carried to
+    async def _await_final(self, position: int) -> torch.Tensor:
+        """The general loop: do what the plan says until the step's result is in."""
+        plan = self.plan
         while True:
-            if step_id in self._final:
-                return self._final.pop(step_id)
-            if step_id in self._step_errors:
-                err = self._step_errors.pop(step_id)
-                raise RemoteStepError(f"node refused the step ({err.code}): {err.message}")
-            if resend_to is not None and resend_to in self.links:
-                got = self._history.get(resend_to.start, {}).get(position)
-                if got is not None and got[0] == step_id:
-                    try:
-                        await self._send_step(resend_to, step_id, position, got[1])
-                    except p2p.P2PError as e:
-                        resend_to.broken = resend_to.broken or e
-                    resend_to = None
-            await self._carry(step_id, position, relayed)
-            unpushed = self._push_failed_into(step_id)
-            if unpushed is not None:
-                # The path between two nodes broke, not necessarily either node: the upstream
-                # stops pushing, and from now on the client carries its results to the link
-                # (`_carry`, this step included, from the upstream's echo). A dead link shows
-                # up as its own broken stream and is replaced.
-                up = self.links[self.links.index(unpushed) - 1]
-                log.warning("node %s cannot push to %s; the client relays between them",
-                            up.hop.peer_id, unpushed.hop.peer_id)
-                self.unpushable.add((up.hop.peer_id, unpushed.hop.peer_id))
-                try:
-                    await self._wire(up, unpushed)
-                except (p2p.P2PError, trio.TooSlowError) as e:
-                    up.broken = up.broken or e
-                continue
-            bad = self._failed_link(step_id, position, deadline)
-            if bad is not None:
-                failovers += 1
-                self.failovers += 1
-                if failovers > self.config.max_failovers:
-                    raise TooManyFailuresError(
-                        f"step failed over {failovers - 1} times; giving up") from bad.broken
-                resend_to = await self._replace(bad, step_id, position)
-                deadline = trio.current_time() + self.config.step_timeout
-                continue
-            changed = self._changed
-            with trio.move_on_at(deadline):
-                await changed.wait()
-
-    async def _carry(self, step_id: int, position: int, carried: set[int]) -> None:
-        """Send this step to each link behind a relaying one, once its input (the relaying
-        link's echo) is in."""
-        for up, link in zip(self.links, self.links[1:]):
-            if not up.relay or id(link) in carried or link.broken is not None:
-                continue
-            got = self._history.get(link.start, {}).get(position)
-            if got is not None and got[0] == step_id:
-                carried.add(id(link))
-                try:
-                    await self._send_step(link, step_id, position, got[1])
-                except p2p.P2PError as e:
-                    link.broken = link.broken or e
-
-    def _push_failed_into(self, step_id: int) -> _Link | None:
-        """The first link whose upstream reported it could not push this step to it (once). A
-        report about a link that has been replaced since (its node died while the upstream
-        pushed to it) names a target no longer in the chain and blames no one; so does one about
-        a broken link (the target session is gone, the link is about to be replaced)."""
-        failed = self._push_failed.get(step_id)
-        if not failed:
-            return None
-        for up, link in zip(self.links, self.links[1:]):
-            if (up.session_id, link.session_id) in failed:
-                failed.discard((up.session_id, link.session_id))
-                if link.broken is not None:  # its session is gone: it is replaced, not relayed to
+            action = plan.next_action(position)
+            if action is None:
+                if trio.current_time() >= self._deadline:
+                    plan.deadline_passed(position, f"no result from {{peer}} within {self.config.step_timeout} s")
                     continue
-                return link
-        return None
+                changed = self._changed
+                with trio.move_on_at(self._deadline):
+                    await changed.wait()
+            elif isinstance(action, Finished):
+                return action.output
+            elif isinstance(action, Send):
+                try:
+                    await self._send_step(action.link, action.step_id, action.position, action.hidden)  # type: ignore[arg-type]
+                except p2p.P2PError as e:
+                    plan.on_broken(action.link, e)
+            elif isinstance(action, Relay):
+                await self._start_relay(action.up, action.link)  # type: ignore[arg-type]
+            elif isinstance(action, Replace):
+                await self._replace(action.link, position)  # type: ignore[arg-type]
+                self._deadline = trio.current_time() + self.config.step_timeout
+            elif isinstance(action, Refused):
+                raise RemoteStepError(f"node refused the step ({action.code}): {action.message}")
+            else:
+                bad = next((link for link in self.links if link.broken is not None), None)
+                raise TooManyFailuresError(action.message) from (bad.broken if bad else None)
 
-    def _failed_link(self, step_id: int, position: int, deadline: float) -> _Link | None:
-        for link in self.links:
-            if link.broken is not None:
-                return link
-        if trio.current_time() >= deadline:
-            # the first hop that has not produced this step's output is the slow one
-            for link in self.links:
-                got = self._history.get(link.end, {}).get(position)
-                if link.end == self.num_blocks or got is None or got[0] != step_id:
-                    link.broken = p2p.PeerTimeoutError(
-                        f"no result from {link.hop.peer_id} within {self.config.step_timeout} s")
-                    return link
-        return None
+    async def _start_relay(self, up: _Link, link: _Link) -> None:
+        """The path between two nodes broke, not necessarily either node: the upstream stops
+        pushing, and from now on the client carries its results to the link (this step
+        included, from the upstream's echo). A dead link shows up as its own broken stream."""
+        log.warning("node %s cannot push to %s; the client relays between them",
+                    up.hop.peer_id, link.hop.peer_id)
+        self.unpushable.add((up.hop.peer_id, link.hop.peer_id))
+        try:
+            await self._wire(up, link)
+        except (p2p.P2PError, trio.TooSlowError) as e:
+            self.plan.on_broken(up, e)
 
     async def _send_step(self, link: _Link, step_id: int, position: int, hidden: torch.Tensor) -> None:
         # no deadline of our own: the session's watchdog fails a write the node stops taking
         await link.session.send(Step(link.session_id, step_id, position, p2p.Tensor.from_torch(hidden), True))
 
     # --- failover ----------------------------------------------------------------------
-    async def _replace(self, bad: _Link, step_id: int, position: int) -> _Link:
-        """Swap `bad` for server(s) covering its blocks; returns the link to resend the step to."""
+    async def _replace(self, bad: _Link, position: int) -> None:
+        """Swap `bad` for server(s) covering its blocks; the plan resends the step from there."""
         i = self.links.index(bad)
         peer = bad.hop.peer_id
-        same_node = peer not in self._reopened_in_step and await self._session_lost(bad)
+        same_node = self.plan.reopen(peer) and await self._session_lost(bad)
         if same_node:
-            self._reopened_in_step.add(peer)
             self.reopened += 1
             log.warning("session on node %s [%d:%d) was lost (%s), but the node answers: re-opening "
                         "a session on it and replaying", peer, bad.start, bad.end, bad.broken)
@@ -376,7 +317,7 @@ class Chain:
                     try:
                         await self._wire(new[-1], nxt)
                     except (p2p.P2PError, trio.TooSlowError) as e:
-                        new[-1].broken = new[-1].broken or e
+                        self.plan.on_broken(new[-1], e)
                         raise
             except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
                 culprit = next((link for link in new if link.broken is not None), new[0])
@@ -385,28 +326,26 @@ class Chain:
                 for link in new:
                     await self._drop(link, polite=False)
                 continue
-            self.links[i:i + 1] = new
+            self.plan.replaced(bad, new)
             if i > 0:
                 up = self.links[i - 1]
                 try:
                     await self._wire(up, new[0])
                 except (p2p.P2PError, trio.TooSlowError) as e:   # the upstream failed too: next round
-                    up.broken = up.broken or e
+                    self.plan.on_broken(up, e)
             if self.config.show_route:
                 log.warning("new route: %s", describe_route(self.route))
-            return new[0]
+            return
 
     async def _session_lost(self, link: _Link) -> bool:
         """Whether `link` broke because its node dropped our session, not because the node
-        failed. Evidence that the node is alive: it said so (an error frame that ends the
-        session, like `idle_timeout` after this client paused), or it answers an InfoRequest
-        on a fresh stream, serving our model, ONLINE. A node that went silent while we were
-        running (our watchdog, the step deadline) has failed: no probe."""
+        failed (`_failover.verdict`). When the stream just ended, the node must answer an
+        InfoRequest on a fresh stream, serving our model and blocks, ONLINE."""
         err = link.broken
-        if isinstance(err, p2p.RemoteError):
-            return err.code in _SESSION_GONE
-        if isinstance(err, (p2p.PeerFrozenError, p2p.PeerTimeoutError)):
-            return False
+        found = verdict(err, code=err.code if isinstance(err, p2p.RemoteError) else None,
+                        silent=isinstance(err, (p2p.PeerFrozenError, p2p.PeerTimeoutError)))
+        if found != PROBE:
+            return found == ALIVE
         with trio.move_on_after(PROBE_TIMEOUT):
             try:
                 reply = await self.host.request(link.hop.peer_id, INFO_PROTOCOL, InfoRequest())
@@ -420,15 +359,12 @@ class Chain:
 
     async def _replay(self, new: list[_Link], boundary: int, position: int) -> None:
         """Rebuild the new links' caches from the inputs stored at `boundary` before `position`."""
-        chunks = sorted((pos, sid, h) for pos, (sid, h) in self._history.get(boundary, {}).items()
-                        if pos < position)
+        try:
+            chunks = self.plan.history.replay(boundary, position)
+        except ValueError as e:
+            raise _ReplayFailed(str(e)) from None
         if not chunks:
             return
-        expected = 0
-        for pos, _, h in chunks:
-            if pos != expected:
-                raise _ReplayFailed(f"stored inputs at block {boundary} have a gap at {expected}")
-            expected += h.shape[1]
         step_ids = [sid for _, sid, _ in chunks]      # the new hops push to each other already
         msg = Replay(session_id=new[0].session_id, step_ids=tuple(step_ids),
                      chunks=tuple(h.shape[1] for _, _, h in chunks),
@@ -441,7 +377,7 @@ class Chain:
                 broken = next((link for link in new if link.broken is not None), None)
                 if broken is not None:
                     raise _ReplayFailed(f"{broken.hop.peer_id} broke during replay: {broken.broken}")
-                if self._latest.get(last.session_id, -1) >= step_ids[-1]:
+                if self.plan.latest.get(last.session_id, -1) >= step_ids[-1]:
                     return
                 changed = self._changed
                 await changed.wait()
@@ -505,7 +441,8 @@ class Chain:
                     reply = await session.receive()
                 if not isinstance(reply, SessionOpened) or reply.session_id != sid:
                     raise p2p.RemoteProtocolError(f"expected SessionOpened, got {type(reply).__name__}")
-                link = _Link(hop, sid, session, cancel, relay=relay)
+                link = _Link(hop.peer_id, hop.start, hop.end, sid, relay=relay, hop=hop, session=session,
+                             cancel=cancel)
                 task_status.started(link)
                 try:
                     while True:
@@ -516,11 +453,10 @@ class Chain:
                             while True:
                                 self._on_message(link, await session.receive())
                 except (p2p.P2PError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    if link.broken is None:
-                        link.broken = e
+                    self.plan.on_broken(link, e)
                 finally:
                     if link.broken is None and not cancel.cancel_called:
-                        link.broken = p2p.PeerBrokenError(f"{hop.peer_id} ended the session")
+                        self.plan.on_broken(link, p2p.PeerBrokenError(f"{hop.peer_id} ended the session"))
                     self._wake(urgent=True)
 
     async def _connect(self, hop: Hop) -> None:
@@ -557,36 +493,21 @@ class Chain:
 
     # --- reading -----------------------------------------------------------------------
     def _on_message(self, link: _Link, msg: p2p.Message) -> None:
+        """Hand a node's message to the plan, and wake whoever waits for news."""
         urgent = True  # for the stepping task, when it reads the last link itself
+        plan = self.plan
         if isinstance(msg, StepResult):
             out = msg.hidden.to_torch()
             if out.shape[0] != self.batch or out.dtype != self.dtype:
-                link.broken = p2p.RemoteProtocolError(f"{link.hop.peer_id} sent a result of the wrong shape")
+                plan.on_broken(link, p2p.RemoteProtocolError(f"{link.hop.peer_id} sent a result of the wrong shape"))
             else:
                 urgent = False
-                self._latest[link.session_id] = max(msg.step_id, self._latest.get(link.session_id, -1))
-                if link.end == self.num_blocks:
-                    if msg.step_id == self._current:
-                        self._final.setdefault(msg.step_id, out)
-                else:
-                    self._remember(link.end, msg.position, msg.step_id, out)
+                plan.on_result(link, msg.step_id, msg.position, out)
         elif isinstance(msg, StepFailed):
-            if msg.code == BAD_REQUEST:
-                self._step_errors[msg.step_id] = msg
-            else:
-                link.broken = p2p.RemoteError(msg.code, msg.message)
+            plan.on_refused(link, msg.step_id, msg.code, msg.message, p2p.RemoteError(msg.code, msg.message))
         elif isinstance(msg, PushFailed):
-            self._push_failed.setdefault(msg.step_id, set()).add((msg.session_id, msg.target))
+            plan.on_push_failed(msg.session_id, msg.step_id, msg.target)
         self._wake(urgent)
-
-    def _remember(self, boundary: int, position: int, step_id: int, hidden: torch.Tensor) -> None:
-        store = self._history.setdefault(boundary, {})
-        # a rollback (position already stored) discards everything from there on; positions
-        # are stored in increasing order, so the common case (appending) checks only the last
-        if store and next(reversed(store)) >= position:
-            for pos in [p for p in store if p >= position]:
-                del store[pos]
-        store[position] = (step_id, hidden)
 
     def _wake(self, urgent: bool = False) -> None:
         self._changed.set()
