@@ -12,7 +12,7 @@ against 5.7 ms per tiny-model decode pass). A
 partly done prompt goes to the back of the queue, so decode steps that arrived during a pass run
 in the next one: one long prompt never stalls everyone.
 
-Jobs are validated by the caller (`_sessions.check_step`) before they get here, so a pass only
+Jobs are validated by the caller (`ServedSession.accept`) before they get here, so a pass only
 fails on a bug or an out-of-memory; then each piece is retried alone, so a failure stays with the
 job that caused it.
 """

@@ -15,7 +15,7 @@ DEFAULT_DRAIN_TIMEOUT = 60.0  # on SIGTERM, running sessions get this long to fi
 DEFAULT_REBALANCE_INTERVAL = 600.0  # how often a --num-blocks node checks for a weaker span
 DEFAULT_JOIN_WAIT = 10.0  # how long a --num-blocks node waits to learn the swarm before choosing
 MAX_LEASE = 600.0  # seconds: crdt.DEFAULT_MAX_LEASE_MS (records with longer leases are refused)
-DEFAULT_LEASE_HEARTBEATS = 4  # pipeline._swarm.Announcer.LEASE_HEARTBEATS
+DEFAULT_LEASE_HEARTBEATS = 4  # node._announce.Announcer.LEASE_HEARTBEATS
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

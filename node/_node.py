@@ -6,9 +6,12 @@ and rebalance loops). It reports ready with the running `Node` once the span ser
 ONLINE record is published; `Node.request_drain()` (SIGTERM in `run-node`) makes it drain:
 
 1. state DRAINING, announced at once: no new session picks this node, and OpenSession is
-   refused with "draining";
+   refused with DRAINING;
 2. running sessions go on until they close, up to `NodeConfig.drain_timeout`;
 3. an OFFLINE record is published, the host closes, `serve_node` returns.
+
+The node has one state, a `crdt.ServerState`, changed only by `Node.set_state`: it is what the
+server admits (OpenSession only ONLINE), what `NodeInfo` reports and what the signed record says.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import trio
 
 import crdt
 import p2p
+from crdt import ServerState
 from pipeline import Checkpoint, InvalidSpanError, Span, check_device, load_span
-from pipeline._swarm import Announcer, SwarmView, now_ms, signer_for, swarm_topics
+from pipeline._swarm import SwarmView, now_ms, swarm_topics
 
-from ._announce import (RTT_INTERVAL, learn_addrs, measure_rtts, next_block_servers, record_fields,
-                        span_throughput)
+from ._announce import Announcer, learn_addrs, record_fields, signer_for
 from ._batching import Batcher
 from ._blocks import choose_blocks, should_rebalance
 from ._config import NodeConfig
-from ._server import VERSION, ServerState, SpanServer
+from ._measure import RTT_INTERVAL, measure_rtts, next_block_servers, span_throughput
+from ._server import VERSION, SpanServer
 from ._sessions import CacheBudget, default_cache_tokens
 
 logger = logging.getLogger("lamina.node")
@@ -92,6 +96,13 @@ class Node:
     @property
     def draining(self) -> bool:
         return self._drain.is_set()
+
+    async def set_state(self, state: ServerState) -> None:
+        """Change the node's state: the server's admission at once, then the signed record,
+        published and pushed (OFFLINE: the announcer's last record, `Announcer.leave`)."""
+        assert self.server is not None and self.announcer is not None
+        self.server.state = state
+        await self.announcer.set_state(state)
 
     # -- record ------------------------------------------------------------------------------
     def _load(self) -> crdt.Load:
@@ -162,7 +173,7 @@ class Node:
             await trio.sleep(self.config.rebalance_interval)
             assert self.announcer is not None
             last = self.announcer.last
-            if self.draining or last is None or last.record.state is not crdt.ServerState.ONLINE:
+            if self.draining or last is None or last.record.state is not ServerState.ONLINE:
                 continue
             target = should_rebalance([r.record for r in self.view.state], last.record, total, now_ms())
             if target is not None:
@@ -172,37 +183,33 @@ class Node:
         """Serve other blocks: drain (never killing a session), reload, come back online."""
         assert self.server is not None and self.announcer is not None
         logger.info("rebalancing from blocks %d:%d to %d:%d: draining first", *self.blocks, start, end)
-        self.server.state = ServerState.DRAINING
-        await self.announcer.set_state(crdt.ServerState.DRAINING)
+        await self.set_state(ServerState.DRAINING)
         await self.server.wait_idle()
         if self.draining:
             return  # shutting down instead
-        self.server.state = ServerState.JOINING
         self.live.start, self.live.end = start, end
-        await self.announcer.set_state(crdt.ServerState.JOINING)
+        await self.set_state(ServerState.JOINING)
         span = await self._load_span(start, end)
         self.server.set_span(span)
         self.server.budget = self._budget(span)
-        self.server.state = ServerState.ONLINE
-        await self.announcer.set_state(crdt.ServerState.ONLINE)
+        await self.set_state(ServerState.ONLINE)
         logger.info("now serving blocks %d:%d", start, end)
 
     async def _drain_and_leave(self) -> None:
         assert self.server is not None and self.announcer is not None
         logger.info("draining: %d sessions open, waiting up to %ss", self.server.active_sessions,
                     self.config.drain_timeout)
-        self.server.state = ServerState.DRAINING
-        # The record is merged and gossiped at once; only the anti-entropy push that follows may
-        # wait on a peer that is gone (each exchange is bounded by the view's sync deadline).
+        # The server refuses new sessions at once, and the record is merged and gossiped at
+        # once; only the anti-entropy push that follows may wait on a peer that is gone (each
+        # exchange is bounded by the view's sync deadline).
         with trio.move_on_after(LEAVE_ANNOUNCE_DEADLINE):
-            await self.announcer.set_state(crdt.ServerState.DRAINING)
+            await self.set_state(ServerState.DRAINING)
         with trio.move_on_after(self.config.drain_timeout) as scope:
             await self.server.wait_idle()
         if scope.cancelled_caught:
             logger.warning("drain timeout: closing %d sessions still open", self.server.active_sessions)
-        self.server.state = ServerState.OFFLINE
         with trio.move_on_after(LEAVE_ANNOUNCE_DEADLINE):
-            await self.announcer.leave()
+            await self.set_state(ServerState.OFFLINE)
         stats = self.batcher.stats
         logger.info("left the swarm (%d forward passes, %d of them batched, %.2f segments per pass, %d tokens, "
                     "%.1f s computing)", stats.passes, stats.batched_passes, stats.segments / max(stats.passes, 1),
@@ -230,15 +237,14 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
                                    throughput=lambda: node.live.throughput, load=node._load,
                                    rtts=lambda: node.rtts, version=VERSION[:32], public_name=config.public_name)
             node.announcer = Announcer(view, signer_for(identity), fields, heartbeat=config.heartbeat,
-                                       lease=config.lease, state=crdt.ServerState.JOINING)
+                                       lease=config.lease, state=ServerState.JOINING)
             await nursery.start(node.announcer.serve)
             span = await node._load_span(*node.blocks)
             await nursery.start(node.batcher.serve)
             node.server = SpanServer(host, span, checkpoint.model_hash, node._budget(span), node.batcher,
                                      idle_timeout=config.session_idle_timeout, peer_addrs=node._peer_addrs)
             node.server.install()
-            node.server.state = ServerState.ONLINE
-            await node.announcer.set_state(crdt.ServerState.ONLINE)
+            await node.set_state(ServerState.ONLINE)
             nursery.start_soon(node._rtt_loop)
             if config.num_blocks is not None and config.rebalance_interval > 0:
                 nursery.start_soon(node._rebalance_loop)

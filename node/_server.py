@@ -1,18 +1,23 @@
-"""The span server: the node side of `pipeline._protocol` (inference, push and info streams).
+"""The span server: the node side of `pipeline.protocol` (inference, push and info streams).
 
 ``/lamina/inference/1`` (one stream per client session)
     OpenSession is checked (model fingerprint, span inside ours, dtype) and its KV cache reserved
-    from the budget; refusals are error frames: "busy" (no memory or session slot: route around),
-    "draining" (the node is leaving), "bad_request". Then Step / Replay / SetNextHop /
-    CloseSession, handled one at a time in order. A step that does not fit the session gets a
-    `StepFailed` (codes in `_sessions`) and the stream stays usable. A session idle for
-    `NodeConfig.session_idle_timeout` (no client message and no pushed step) is ended with an
-    "idle_timeout" error frame.
+    from the budget; refusals are error frames: BUSY (no memory or session slot, or not ONLINE
+    yet: route around), DRAINING (the node is leaving), BAD_REQUEST. Then Step / Replay /
+    SetNextHop / CloseSession, handled one at a time in order. A step that does not fit the
+    session gets a `StepFailed` (the codes are the protocol's) and the stream stays usable. A
+    session idle for `NodeConfig.session_idle_timeout` (no client message and no pushed step) is
+    ended with an IDLE_TIMEOUT error frame.
 ``/lamina/push/1`` (one stream per session and upstream node)
-    PushOpen names a session open here ("unknown_session" error frame otherwise); its Steps are
+    PushOpen names a session open here (UNKNOWN_SESSION error frame otherwise); its Steps are
     handled exactly like the client's own (results and StepFailed go to the client's stream).
 ``/lamina/info/1``
-    InfoRequest -> NodeInfo.
+    InfoRequest -> NodeInfo (its state: the lower-case name of the node's `crdt.ServerState`).
+
+A step's way through: the session checks it and gives its compute tensor
+(`ServedSession.accept`), the batcher runs it (`_compute`: torch in, torch out), the session
+turns the output into its wire tensor (`ServedSession.to_wire`), and `_deliver` pushes it on
+and echoes it to the client.
 
 Step ids: a step (client's or pushed) whose id is lower than the last one run in the session is
 stale and dropped silently; an equal id is a resend and runs again (idempotent).
@@ -32,16 +37,16 @@ import trio
 from torch import nn
 
 import p2p
+from crdt import ServerState
 from pipeline import LaminaError, Span
-from pipeline._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, PUSH_PROTOCOL, CloseSession,
-                                InfoRequest, NodeInfo, OpenSession, PushFailed, PushOpen, Replay,
-                                SessionOpened, SetNextHop, Step, StepFailed, StepResult)
+from pipeline.protocol import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INFERENCE_PROTOCOL, INFO_PROTOCOL,
+                               INTERNAL, PUSH_PROTOCOL, UNKNOWN_SESSION, CloseSession, InfoRequest, NodeInfo,
+                               OpenSession, PushFailed, PushOpen, Replay, SessionOpened, SetNextHop, Step,
+                               StepFailed, StepResult)
 
 from ._announce import learn_addrs
 from ._batching import Batcher
-from ._sessions import (BAD_REQUEST, DRAINING, IDLE_TIMEOUT, INTERNAL, UNKNOWN_SESSION, CacheBudget,
-                        ServedSession, StepError, cache_tokens_for, check_replay, check_step,
-                        to_compute, to_wire)
+from ._sessions import CacheBudget, ServedSession, StepError, cache_tokens_for
 
 logger = logging.getLogger("lamina.node")
 
@@ -59,13 +64,6 @@ try:
     VERSION = metadata.version("lamina")
 except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
     VERSION = "0.0.0"
-
-
-class ServerState:
-    JOINING = "joining"
-    ONLINE = ONLINE
-    DRAINING = "draining"
-    OFFLINE = "offline"
 
 
 def sub_span(span: Span, start: int, end: int) -> Span:
@@ -101,6 +99,8 @@ class SpanServer:
         self.batcher = batcher
         self.idle_timeout = idle_timeout
         self.peer_addrs = peer_addrs  # peer id -> multiaddrs known from the swarm records
+        # The node's state (set by `Node.set_state` only, with the record's): OpenSession is
+        # taken only ONLINE.
         self.state = ServerState.JOINING
         self._now = trio.lowlevel.current_clock().current_time  # trio's clock, one frame a call
         self.sessions: dict[str, ServedSession] = {}
@@ -139,7 +139,7 @@ class SpanServer:
     async def _serve_info(self, peer_id: object, request: p2p.Message) -> NodeInfo:
         return NodeInfo(
             peer_id=self.host.peer_id_str, model=self.model_hash, start=self.span.start,
-            end=self.span.end, state=self.state, active_sessions=self.active_sessions,
+            end=self.span.end, state=self.state.name.lower(), active_sessions=self.active_sessions,
             free_cache_tokens=self.budget.free_tokens, version=VERSION[:32])
 
     # -- /lamina/inference/1 -----------------------------------------------------------------
@@ -181,10 +181,11 @@ class SpanServer:
             self._close(sess)
 
     def _open(self, msg: OpenSession, stream: p2p.Session) -> ServedSession:
-        if self.state == ServerState.DRAINING or self.state == ServerState.OFFLINE:
+        state = self.state
+        if state is ServerState.DRAINING or state is ServerState.OFFLINE:
             raise p2p.RemoteError(DRAINING, "this node is draining and takes no new sessions")
-        if self.state != ServerState.ONLINE:
-            raise p2p.RemoteError(p2p.ErrorCode.BUSY, "this node is still starting")
+        if state is not ServerState.ONLINE:
+            raise p2p.RemoteError(BUSY, "this node is still starting")
         if msg.model != self.model_hash:
             raise p2p.RemoteError(BAD_REQUEST, f"model mismatch: this node serves model {self.model_hash}, "
                                                f"the session asked for {msg.model}")
@@ -199,7 +200,7 @@ class SpanServer:
             cache = span.new_cache(msg.batch, msg.max_length)
         except (LaminaError, RuntimeError) as exc:  # RuntimeError: torch out of memory
             self.budget.release(reservation)
-            raise p2p.RemoteError(p2p.ErrorCode.BUSY, f"cannot allocate the KV cache: {exc}") from None
+            raise p2p.RemoteError(BUSY, f"cannot allocate the KV cache: {exc}") from None
         sess = ServedSession(msg.session_id, stream, span, cache, msg.dtype, reservation,
                              next_peer=msg.next_peer, next_session=msg.next_session)
         self.sessions[sess.session_id] = sess
@@ -269,8 +270,7 @@ class SpanServer:
                              step.step_id, sess.last_step_id)
                 return
             try:
-                check_step(sess, step)
-                out = await self._compute(sess, step.hidden, step.position)
+                out = sess.to_wire(await self._compute(sess, sess.accept(step), step.position))
             except StepError as exc:
                 await self._fail(sess, step.step_id, exc)
                 return
@@ -286,16 +286,16 @@ class SpanServer:
                 return
             sess.last_active = self._now()
             try:
-                check_replay(sess, replay)
+                hidden = sess.accept(replay)
             except StepError as exc:
                 await self._fail(sess, replay.step_ids[0], exc)
                 return
-            hidden = replay.hidden.to_torch()
             position = 0
             for step_id, t in zip(replay.step_ids, replay.chunks):
-                chunk = p2p.Tensor.from_torch(hidden[:, position:position + t])
                 try:
-                    out = await self._compute(sess, chunk, position)
+                    # a view, with the values the original step carried (the pass reshapes it,
+                    # copying when strided, as it does a long prompt's pieces)
+                    out = sess.to_wire(await self._compute(sess, hidden[:, position:position + t], position))
                 except StepError as exc:
                     await self._fail(sess, step_id, exc)
                     return
@@ -303,16 +303,16 @@ class SpanServer:
                 await self._deliver(sess, step_id, position, out, replay.push)
                 position += t
 
-    async def _compute(self, sess: ServedSession, hidden: p2p.Tensor, position: int) -> p2p.Tensor:
-        x = to_compute(hidden, sess)
+    async def _compute(self, sess: ServedSession, x: torch.Tensor, position: int) -> torch.Tensor:
+        """The session's span over `x` [B, T, D] (checked, in its compute dtype and device) at
+        `position`; the output [B, T, D], as the span computes it."""
         try:
-            out = await self.batcher.run(sess.span, x, position, sess.cache)
+            return await self.batcher.run(sess.span, x, position, sess.cache)
         except LaminaError as exc:  # the engine's own checks (should not happen after ours)
             raise StepError(BAD_REQUEST, str(exc)) from None
         except Exception as exc:
             logger.exception("forward pass failed for session %s", sess.session_id[:8])
             raise StepError(INTERNAL, f"forward pass failed: {type(exc).__name__}: {exc}") from None
-        return to_wire(out, sess.dtype)
 
     async def _deliver(self, sess: ServedSession, step_id: int, position: int, out: p2p.Tensor,
                        push: bool) -> None:

@@ -1,11 +1,13 @@
-"""Inference sessions on a node: the KV memory budget, per-session state, input validation.
+"""Inference sessions on a node: the KV memory budget, per-session state, its steps' way in and out.
 
 A session holds one `KVCache` for its sub-span ``[start, end)`` of the node's blocks. Its memory
 is reserved from the node's `CacheBudget` (in tokens: ``batch * max_length``) when it opens and
 given back when it ends, however it ends (closed, idle, stream broken, node draining).
 
-Every step is checked against its session here (`check_step`, `check_replay`) before it reaches
-the batcher: a bad step gets a `StepFailed` and never touches the cache or other sessions.
+Every step is checked against its session before it reaches the batcher, in the call that turns
+its wire tensor into the span's compute tensor (`ServedSession.accept`): a bad step gets a
+`StepFailed` and never touches the cache or other sessions. `ServedSession.to_wire` turns the
+output back into the session's wire dtype.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import trio
 
 import p2p
 from pipeline import KVCache, Span
-# The error codes are the protocol's (pipeline/_protocol.py): the client reads them too.
-from pipeline._protocol import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INTERNAL,  # noqa: F401
-                                UNKNOWN_SESSION, Replay, Step)
+from pipeline.protocol import BAD_REQUEST, BUSY, UNKNOWN_SESSION, Replay, Step
 
 
 class StepError(Exception):
@@ -41,7 +41,7 @@ class Reservation:
 
 class CacheBudget:
     """KV-cache tokens and session slots, reserved when a session opens and released when it
-    ends. Reservation never waits: it fails at once with "busy" so the client can route around."""
+    ends. Reservation never waits: it fails at once with BUSY so the client can route around."""
 
     def __init__(self, tokens: int, max_sessions: int) -> None:
         if tokens < 1 or max_sessions < 1:
@@ -124,10 +124,15 @@ class ServedSession:
     cancel_scopes: set[trio.CancelScope] = field(default_factory=set)  # push streams into it
 
     def __post_init__(self) -> None:
-        # the span's compute dtype and device, read once (the span's own properties walk its
-        # modules, on every step otherwise)
+        # What every step is checked against and converted to, read once: the span's compute
+        # dtype and device (its own properties walk its modules), the wire dtype as torch's, and
+        # the cache's fixed sizes (properties too).
         self.compute_dtype: torch.dtype = self.span.dtype
         self.device: torch.device = self.span.device
+        self.wire_dtype: torch.dtype = getattr(torch, self.dtype)
+        self.hidden_size: int = self.span.config.hidden_size
+        self.batch: int = self.cache.batch
+        self.max_length: int = self.cache.max_length
 
     @property
     def start(self) -> int:
@@ -137,70 +142,51 @@ class ServedSession:
     def end(self) -> int:
         return self.span.end
 
-    @property
-    def batch(self) -> int:
-        return self.cache.batch
-
-    @property
-    def max_length(self) -> int:
-        return self.cache.max_length
-
     def close(self) -> None:
         self.closed = True
         for scope in list(self.cancel_scopes):
             scope.cancel()
 
+    # -- a step's way in and out (one call each: this is every decode step's path) ------------
+    def accept(self, msg: Step | Replay) -> torch.Tensor:
+        """The hidden states [B, T, D] of a Step (at its position) or a Replay (from position 0),
+        checked against this session and as the span's compute dtype and device (not copied when
+        they already are). Raises `StepError`: UNKNOWN_SESSION for another session's id,
+        BAD_REQUEST for a dtype, shape or position that does not fit."""
+        if type(msg) is Step:
+            position, what = msg.position, "step"
+        else:
+            position, what = 0, "replay"
+        if msg.session_id != self.session_id:
+            raise StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream")
+        hidden = msg.hidden
+        if hidden.dtype != self.dtype:
+            raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}, "
+                                         f"the session was opened for {self.dtype}")
+        b, t, d = hidden.shape
+        if d != self.hidden_size:
+            raise StepError(BAD_REQUEST, f"{what} hidden size is {d}, the model's is {self.hidden_size}")
+        if b != self.batch:
+            raise StepError(BAD_REQUEST, f"{what} has batch {b}, the session was opened with batch {self.batch}")
+        if t < 1:
+            raise StepError(BAD_REQUEST, f"{what} has no tokens")
+        if position > self.cache.length:
+            raise StepError(BAD_REQUEST, f"{what} starts at position {position} but the session holds "
+                                         f"{self.cache.length} positions (steps must be contiguous or roll back)")
+        if position + t > self.max_length:
+            raise StepError(BAD_REQUEST, f"{what} reaches position {position + t}, past the session's "
+                                         f"max_length {self.max_length}")
+        x = hidden.to_torch()
+        if x.dtype != self.compute_dtype or x.device != self.device:
+            x = x.to(device=self.device, dtype=self.compute_dtype)
+        return x
 
-def _check_hidden(sess: ServedSession, hidden: p2p.Tensor, position: int, what: str) -> int:
-    """Check hidden states [B, T, D] at `position` against the session; returns T."""
-    if hidden.dtype != sess.dtype:
-        raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}, "
-                                     f"the session was opened for {sess.dtype}")
-    b, t, d = hidden.shape
-    hidden_size = sess.span.config.hidden_size
-    if d != hidden_size:
-        raise StepError(BAD_REQUEST, f"{what} hidden size is {d}, the model's is {hidden_size}")
-    if b != sess.batch:
-        raise StepError(BAD_REQUEST, f"{what} has batch {b}, the session was opened with batch {sess.batch}")
-    if t < 1:
-        raise StepError(BAD_REQUEST, f"{what} has no tokens")
-    if position > sess.cache.length:
-        raise StepError(BAD_REQUEST, f"{what} starts at position {position} but the session holds "
-                                     f"{sess.cache.length} positions (steps must be contiguous or roll back)")
-    if position + t > sess.max_length:
-        raise StepError(BAD_REQUEST, f"{what} reaches position {position + t}, past the session's "
-                                     f"max_length {sess.max_length}")
-    return t
-
-
-def check_step(sess: ServedSession, step: Step) -> None:
-    if step.session_id != sess.session_id:
-        raise StepError(UNKNOWN_SESSION, f"session {step.session_id} is not open on this stream")
-    _check_hidden(sess, step.hidden, step.position, "step")
-
-
-def check_replay(sess: ServedSession, replay: Replay) -> None:
-    if replay.session_id != sess.session_id:
-        raise StepError(UNKNOWN_SESSION, f"session {replay.session_id} is not open on this stream")
-    _check_hidden(sess, replay.hidden, 0, "replay")
-
-
-def to_compute(hidden: p2p.Tensor, sess: ServedSession) -> torch.Tensor:
-    """Wire hidden states as the session's compute dtype and device (no copy when they
-    already are)."""
-    t = hidden.to_torch()
-    if t.dtype != sess.compute_dtype or t.device != sess.device:
-        t = t.to(device=sess.device, dtype=sess.compute_dtype)
-    return t
-
-
-def to_wire(hidden: torch.Tensor, dtype: str) -> p2p.Tensor:
-    """The output in the session's wire dtype, on the CPU (shared, not copied, when it is
-    already both)."""
-    want = getattr(torch, dtype)
-    if hidden.dtype is not want or hidden.device.type != "cpu":
-        hidden = hidden.to(device="cpu", dtype=want)
-    return p2p.Tensor.from_torch(hidden)
+    def to_wire(self, hidden: torch.Tensor) -> p2p.Tensor:
+        """A step's output in the session's wire dtype, on the CPU (shared, not copied, when it
+        already is both)."""
+        if hidden.dtype is not self.wire_dtype or hidden.device.type != "cpu":
+            hidden = hidden.to(device="cpu", dtype=self.wire_dtype)
+        return p2p.Tensor.from_torch(hidden)
 
 
 def cache_tokens_for(batch: int, max_length: int) -> int:

@@ -38,7 +38,7 @@ import p2p
 
 from ._errors import LaminaError
 from ._failover import ALIVE, PROBE, Finished, LinkState, Plan, Refused, Relay, Replace, Send, verdict
-from ._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, CloseSession, InfoRequest, NodeInfo,
+from .protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, CloseSession, InfoRequest, NodeInfo,
                         OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step, StepFailed,
                         StepResult, new_session_id)
 from ._routing import Hop, NoRouteError, RouteOptions, choose_route, describe_route

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._protocol import BAD_REQUEST, IDLE_TIMEOUT, UNKNOWN_SESSION
+from .protocol import BAD_REQUEST, IDLE_TIMEOUT, UNKNOWN_SESSION
 
 # Error codes with which a node ends a session it no longer holds: it answered, so it is alive.
 SESSION_GONE = frozenset({IDLE_TIMEOUT, UNKNOWN_SESSION})

@@ -7,9 +7,8 @@ module is the thin trio layer between them, used by both sides of lamina:
   topic, answers and starts anti-entropy exchanges on ``/lamina/swarm-sync/1`` (with one random
   connected peer every `SwarmTiming.anti_entropy_interval`, and at once with every new
   connection), and drops expired leases every `SwarmTiming.gc_interval`.
-* `Announcer` (nodes only): signs this node's record with its libp2p key and publishes it every
-  `heartbeat` with a lease of a few heartbeats; `set_state` (DRAINING) and `leave` (OFFLINE)
-  publish at once.
+* writing is `SwarmView.publish(signed)`: a node's `Announcer` (`node/_announce.py`) signs its
+  record with its libp2p key and publishes it every heartbeat, and at once on a state change.
 
 How a record travels::
 
@@ -47,9 +46,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from libp2p.peer.id import ID
@@ -69,9 +67,7 @@ __all__ = [
     "SwarmTiming",
     "SwarmStats",
     "SwarmView",
-    "Announcer",
     "swarm_topics",
-    "signer_for",
     "now_ms",
 ]
 
@@ -82,7 +78,6 @@ MAX_SYNC_MESSAGE = crdt.MAX_DELTA_BYTES  # largest anti-entropy message accepted
 MAX_SYNC_REQUESTS = 4  # requests per exchange; the protocol needs 2, the rest carry leftovers
 MAX_SYNC_PER_PEER = 4  # concurrent requests one peer may run against us (connect + periodic + push overlap)
 PUSH_FANOUT = 8  # connected peers an urgent record (first, DRAINING, OFFLINE) is pushed to
-MAX_ANNOUNCED_ADDRS = 8  # crdt's per-record limit (MAX_ADDRS in crdt/_record.py, not exported)
 PUBLISH_DEADLINE = 5.0  # gossip publish writes to every mesh peer: never wait on a stuck one
 
 
@@ -97,18 +92,6 @@ def swarm_topics(*extra: str, topic: str = SWARM_TOPIC) -> list[str]:
     ``p2p.HostConfig(identity, gossip_topics=swarm_topics())``
     """
     return list(dict.fromkeys((topic, *extra)))
-
-
-def signer_for(identity: p2p.Identity) -> crdt.Signer:
-    """A `crdt.Signer` for this host's libp2p identity (same key, so the same peer id).
-
-    `Identity.private_key_bytes()` is the protobuf key-file form; the signer wants the raw
-    Ed25519 seed, which py-libp2p's key object gives with `to_bytes()`.
-    """
-    signer = crdt.Signer(identity.key_pair.private_key.to_bytes())
-    if signer.peer_id != identity.peer_id.to_bytes():
-        raise ValueError("identity key does not give its own peer id (not an Ed25519 identity?)")
-    return signer
 
 
 @p2p.message("lamina.swarm.sync")
@@ -167,7 +150,7 @@ class SwarmView:
 
     Reading: `state` (the current immutable `crdt.SwarmState`), `servers(model_hash)`,
     `generation` (bumped on every change), `wait_until(predicate)`, `wait_changed()`.
-    Writing: `publish(signed)` (what `Announcer` does). Observing refusals: `on_rejected(cb)`.
+    Writing: `publish(signed)` (what `node._announce.Announcer` does). Observing refusals: `on_rejected(cb)`.
     """
 
     def __init__(
@@ -503,160 +486,3 @@ def _as_id(peer: ID | str) -> ID | None:
         return ID.from_base58(peer)
     except Exception:
         return None
-
-
-# --- the node side ---------------------------------------------------------------------------
-
-RecordFields = Callable[[], Mapping[str, Any]]
-_ANNOUNCER_OWNED = frozenset({"peer_id", "hlc", "expires_ms", "state"})
-
-
-class Announcer:
-    """Keeps this node's signed record fresh in the swarm. Run `serve` in a nursery.
-
-    `fields()` returns the node's current `crdt.ServerRecord` keyword arguments: at least
-    `model`, `start`, `end`; optionally `throughput`, `inference_rps`, `load`, `addrs`,
-    `reachability`, `next_rtts`, `version`, `public_name`. It is called for every record, so
-    load and throughput are as fresh as the heartbeat. Without `addrs`, the host's own
-    addresses are announced. `peer_id`, `hlc`, `expires_ms` and `state` belong to the announcer
-    (`state` starts as `state=` and changes with `set_state` / `leave`).
-
-    Every `heartbeat` seconds a new record is signed with a lease of `lease` seconds (default
-    `LEASE_HEARTBEATS` heartbeats, so a few lost announcements do not expire a live node) and
-    published. The first record and every state change are also pushed by anti-entropy, since
-    they must not wait for gossip. If the swarm holds a newer record of ours (our previous
-    incarnation, with a clock that was ahead), we re-announce at once with a newer timestamp.
-    """
-
-    LEASE_HEARTBEATS = 4
-
-    def __init__(
-        self,
-        view: SwarmView,
-        signer: crdt.Signer,
-        fields: RecordFields,
-        *,
-        heartbeat: float = 10.0,
-        lease: float | None = None,
-        state: crdt.ServerState = crdt.ServerState.ONLINE,
-    ) -> None:
-        if signer.peer_id != view.peer_id:
-            raise ValueError("the signer's key must be the host's identity (records are keyed by peer id)")
-        if not (math.isfinite(heartbeat) and heartbeat > 0):
-            raise ValueError("heartbeat must be a positive number of seconds")
-        lease = self.LEASE_HEARTBEATS * heartbeat if lease is None else lease
-        if not (math.isfinite(lease) and lease > heartbeat):
-            raise ValueError("lease must be longer than the heartbeat")
-        if lease * 1000 > view.config.max_lease_ms:
-            raise ValueError(f"lease of {lease}s exceeds the swarm's max lease ({view.config.max_lease_ms} ms)")
-        self.view = view
-        self.signer = signer
-        self.fields = fields
-        self.heartbeat = heartbeat
-        self.lease = lease
-        self._state = crdt.ServerState(state)
-        self._last: crdt.SignedRecord | None = None
-        self._lock = trio.Lock()
-        self._left = False
-        self._loop_scope: trio.CancelScope | None = None
-
-    @property
-    def state(self) -> crdt.ServerState:
-        return self._state
-
-    @property
-    def last(self) -> crdt.SignedRecord | None:
-        """The last record we published."""
-        return self._last
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Announce now (ready when the first record is in the local replica and gossiped), then
-        every heartbeat, until cancelled or until `leave()`. Exceptions from `fields()` or an
-        invalid record propagate: they are bugs of this node, not of the network.
-        """
-        if self._left:
-            raise RuntimeError("this announcer has left")
-        async with trio.open_nursery() as nursery:
-            await self._announce(push=False)
-            nursery.start_soon(self.view.push)  # the first record must not wait for the gossip mesh
-            nursery.start_soon(self._guard_own_entry)
-            task_status.started()
-            with trio.CancelScope() as self._loop_scope:
-                if not self._left:
-                    while True:
-                        await trio.sleep(self.heartbeat)
-                        await self._announce(push=False)
-            nursery.cancel_scope.cancel()  # left: stop guarding our entry too
-
-    async def set_state(self, state: crdt.ServerState) -> None:
-        """Switch state (e.g. DRAINING: no new sessions) and announce it at once, pushed by
-        anti-entropy as well as gossip. Returns once published and pushed."""
-        if self._left:
-            raise RuntimeError("this announcer has left")
-        state = crdt.ServerState(state)
-        if state is crdt.ServerState.OFFLINE:
-            return await self.leave()
-        self._state = state
-        await self._announce(push=True)
-
-    async def leave(self) -> None:
-        """Graceful leave: publish (and push) a newer OFFLINE record, then stop announcing.
-
-        The OFFLINE record keeps its lease, so replicas show the node as gone at once and gc
-        drops the entry when the lease ends.
-        """
-        if self._left:
-            return
-        self._state = crdt.ServerState.OFFLINE
-        self._left = True
-        if self._loop_scope is not None:
-            self._loop_scope.cancel()
-        await self._announce(push=True, force=True)
-
-    def make_record(self) -> crdt.SignedRecord:
-        """Sign a fresh record from `fields()` and the current state, timestamped now."""
-        fields = dict(self.fields())
-        owned = _ANNOUNCER_OWNED & fields.keys()
-        if owned:
-            raise ValueError(f"fields() must not set {sorted(owned)}: the announcer owns them")
-        if "addrs" not in fields:
-            fields["addrs"] = tuple(self.view.host.addrs()[:MAX_ANNOUNCED_ADDRS])
-        wall = now_ms()
-        hlc = self.view.clock.now(wall)
-        record = crdt.ServerRecord(
-            peer_id=self.signer.peer_id,
-            state=self._state,
-            hlc=hlc,
-            expires_ms=hlc.wall_ms + int(self.lease * 1000),
-            **fields,
-        )
-        return self.signer.sign(record)
-
-    async def _announce(self, *, push: bool, force: bool = False) -> None:
-        async with self._lock:
-            if self._left and not force:
-                return
-            for _ in range(2):
-                signed = self.make_record()
-                # Set before publishing: our own merge must not look like "a newer record of ours"
-                # to `_guard_own_entry` while the push is still running.
-                self._last = signed
-                # Not admitted only if the replica holds a newer record of ours; the view's clock
-                # has observed it, so a second record, made now, is newer.
-                if await self.view.publish(signed, push=push):
-                    return
-            raise RuntimeError("our own record was not admitted twice in a row (clock bug?)")
-
-    async def _guard_own_entry(self) -> None:
-        """Re-announce at once if the swarm brings a newer record of ours than our last one."""
-        me = self.signer.peer_id
-
-        def superseded(state: crdt.SwarmState) -> bool:
-            held = state.get(me)
-            return held is not None and self._last is not None and held.newer_than(self._last)
-
-        while True:
-            await self.view.wait_until(superseded)
-            logger.info("the swarm holds a newer record of ours; re-announcing")
-            await self._announce(push=False)
-

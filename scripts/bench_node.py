@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import p2p  # noqa: E402
 from pipeline import Checkpoint, load_span  # noqa: E402
-from pipeline._protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, SessionOpened, Step,  # noqa: E402
+from pipeline.protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, SessionOpened, Step,  # noqa: E402
                                 StepResult, new_session_id)
 
 PROMPT = 16

@@ -1,4 +1,16 @@
-"""Shared fixtures: checkpoints written by transformers (test-only) and by lamina's tiny writer."""
+"""Shared fixtures: checkpoints written by transformers (test-only) and by lamina's tiny writer.
+
+Running the tests
+-----------------
+Fast inner loop (about a minute on 2 cores)::
+
+    python3 -m pytest -q -m "not slow"
+
+`slow` marks the tests that start `run-node` or other Python processes (LocalSwarm, start_node,
+peer processes), build network namespaces (netlab), or otherwise take more than ~3 s. CI runs
+everything: ``python3 -m pytest -q``. Waiting in a test: `from _wait import eventually` (bounded
+polling that names what it waited for), never a fixed sleep; prefer an event where there is one.
+"""
 
 from __future__ import annotations
 

@@ -27,8 +27,9 @@ from node._server import PUSH_OPEN_GRACE
 from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM
 from pipeline.launch import LocalSwarm, start_node
 
-pytestmark = pytest.mark.skipif(netlab.available() is not None,
-                                reason=f"no network-namespace lab here: {netlab.available()}")
+pytestmark = [pytest.mark.slow,  # network namespaces and run-node processes
+              pytest.mark.skipif(netlab.available() is not None,
+                                 reason=f"no network-namespace lab here: {netlab.available()}")]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pipeline import AsyncDistributedModelForCausalLM, DistributedModelForCausal
 from pipeline._chain import NoReplacementError
 from pipeline.launch import LocalSwarm
 
+pytestmark = pytest.mark.slow  # run-node processes (LocalSwarm), or nodes in this process with timeouts
 PROMPT = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(5))
 
 

@@ -459,7 +459,7 @@ def _load_sim():
     return module
 
 
-@pytest.mark.parametrize("scenario", ["churn", "cold"])
+@pytest.mark.parametrize("scenario", ["churn", pytest.param("cold", marks=pytest.mark.slow)])  # cold: 5-12 s
 def test_gossip_simulation_converges_over_the_real_wire(scenario, capsys):
     sim = _load_sim()
     assert sim.main(["--nodes", "150", "--scenario", scenario, "--wire", "--loss", "0.05", "--churn", "0.05"]) == 0

@@ -12,7 +12,7 @@ import torch
 
 from pipeline._failover import (ALIVE, FAILED, PROBE, Finished, GiveUp, History, LinkState, Plan, Refused, Relay,
                                 Replace, Send, StepTimeout, verdict)
-from pipeline._protocol import BAD_REQUEST, IDLE_TIMEOUT, INTERNAL, UNKNOWN_SESSION, new_session_id
+from pipeline.protocol import BAD_REQUEST, IDLE_TIMEOUT, INTERNAL, UNKNOWN_SESSION, new_session_id
 
 BLOCKS = 8
 

@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
 import p2p
+from _wait import eventually
 from pipeline import load_span, model_hash
-from pipeline._protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, SessionOpened, Step,
-                                StepResult, new_session_id)
+from pipeline.protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, SessionOpened, Step,
+                               StepResult, new_session_id)
 from pipeline.launch import LocalSwarm
 
+pytestmark = pytest.mark.slow  # every test starts run-node processes
 STARTUP_DEADLINE = 90  # a cold start imports torch and py-libp2p on shared cores
 SERVING = re.compile(r"^serving blocks (\d+):(\d+) at (.+)$")
 
@@ -133,10 +136,12 @@ async def test_sigterm_drains_running_sessions_refuses_new_ones_and_exits_0(micr
             for i, h in enumerate(inputs):
                 if i == 2:
                     node.proc.send_signal(signal.SIGTERM)
-                    # a new session is refused as soon as the node drains
-                    with trio.fail_after(30):
-                        while await try_open(host, node, micro_model) != "draining":
-                            await trio.sleep(0.05)  # the signal is not handled yet: try again
+                    # a new session is refused as soon as the node drains (until the signal is
+                    # handled, the probe opens: try again)
+                    async def refused() -> bool:
+                        return await try_open(host, node, micro_model) == "draining"
+
+                    await eventually(refused, timeout=30, interval=0.05)
                 # the running session keeps working after SIGTERM
                 await stream.send(Step(sid, i + 1, position, p2p.Tensor.from_torch(h)))
                 with trio.fail_after(30):

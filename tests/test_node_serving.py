@@ -3,7 +3,7 @@ push chains, replay. Every result is checked against the local engine (`load_spa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -11,11 +11,12 @@ import torch
 import trio
 
 import p2p
+from _wait import eventually
 from node import NodeConfig, serve_node
 from pipeline import load_span, model_hash
-from pipeline._protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, CloseSession, InfoRequest, NodeInfo,
-                                OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step,
-                                StepFailed, StepResult, new_session_id)
+from pipeline.protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, CloseSession, InfoRequest, NodeInfo,
+                               OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step,
+                               StepFailed, StepResult, new_session_id)
 
 D = 64  # the micro model's hidden size
 LOCAL = "/ip4/127.0.0.1/tcp/0"
@@ -104,13 +105,6 @@ async def remote_session(host: p2p.Host, node, *, start: int = 0, end: int = 4, 
         if leaf is group:
             raise
         raise leaf from None
-
-
-async def eventually(predicate: Callable[[], bool]) -> None:
-    """Wait for a condition the node reaches asynchronously (bounded; polls, no fixed sleep)."""
-    with trio.fail_after(DEADLINE):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 def hidden(seed: int, t: int, batch: int = 1) -> torch.Tensor:

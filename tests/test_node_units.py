@@ -142,6 +142,7 @@ def test_cli_bad_flag_is_one_line_exit_2(args, message) -> None:
     assert len(lines) == 1 and lines[0].startswith("run-node: error:") and message in lines[0], proc.stderr
 
 
+@pytest.mark.slow  # a run-node process that gets as far as loading (~3 s)
 def test_cli_missing_model_is_one_line_exit_1(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "node._cli", "--model", str(tmp_path / "none"), "--blocks", "0:1",
                            "--new-swarm", "--log-level", "ERROR"], capture_output=True, text=True, timeout=60)
@@ -211,6 +212,49 @@ async def test_batcher_waits_for_no_step_of_a_session_that_ended(micro_model, mo
     torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5)
 
 
+# -- a session's way in and out ------------------------------------------------------------------
+async def test_served_session_checks_and_converts_a_step_in_one_call_each_way(micro_model) -> None:
+    from node._sessions import Reservation, ServedSession, StepError
+    from pipeline.protocol import BAD_REQUEST, UNKNOWN_SESSION, Replay, Step, new_session_id
+
+    span = load_span(micro_model, 0, 4)  # float32
+    sid = new_session_id()
+    sess = ServedSession(sid, None, span, span.new_cache(1, 8), "bfloat16", Reservation(8))  # type: ignore[arg-type]
+    h = torch.randn(1, 3, 64).to(torch.bfloat16)
+    x = sess.accept(Step(sid, 0, 0, p2p.Tensor.from_torch(h)))
+    assert x.dtype is torch.float32 and torch.equal(x, h.float())
+    whole = sess.accept(Replay(sid, (0, 1), (2, 1), p2p.Tensor.from_torch(h)))  # from position 0
+    assert torch.equal(whole, x)
+    out = sess.to_wire(x)
+    assert out.dtype == "bfloat16" and torch.equal(out.to_torch(), h)
+
+    def refused(msg) -> tuple[str, str]:
+        with pytest.raises(StepError) as info:
+            sess.accept(msg)
+        return info.value.code, info.value.message
+
+    def step(hidden: torch.Tensor, position: int = 0, session: str = sid) -> Step:
+        return Step(session, 1, position, p2p.Tensor.from_torch(hidden))
+
+    assert refused(step(h, session=new_session_id()))[0] == UNKNOWN_SESSION
+    for msg, complaint in [
+        (step(h.float()), "step hidden states are float32"),
+        (step(torch.zeros(1, 1, 32, dtype=torch.bfloat16)), "hidden size is 32"),
+        (step(torch.zeros(2, 1, 64, dtype=torch.bfloat16)), "has batch 2"),
+        (step(h, position=1), "holds 0 positions"),  # nothing cached yet
+        (step(torch.zeros(1, 9, 64, dtype=torch.bfloat16)), "past the session's max_length 8"),
+        (Replay(sid, (0,), (1,), p2p.Tensor.from_torch(h[:, :1].float())), "replay hidden states are float32"),
+    ]:
+        code, message = refused(msg)
+        assert code == BAD_REQUEST and complaint in message, (complaint, message)
+
+
+def test_node_info_state_is_the_records_state_name() -> None:
+    from pipeline.protocol import ONLINE
+
+    assert ONLINE == crdt.ServerState.ONLINE.name.lower()
+
+
 def test_sub_span_shares_the_weights(micro_model) -> None:
     span = load_span(micro_model, 0, 4)
     sub = sub_span(span, 1, 3)
@@ -223,7 +267,7 @@ def test_sub_span_shares_the_weights(micro_model) -> None:
 
 def test_config_limits_follow_the_swarm() -> None:
     from node import _config
-    from pipeline._swarm import Announcer
+    from node._announce import Announcer
 
     assert _config.MAX_LEASE * 1000 == crdt.DEFAULT_MAX_LEASE_MS
     assert _config.DEFAULT_LEASE_HEARTBEATS == Announcer.LEASE_HEARTBEATS

@@ -1,4 +1,5 @@
-"""The swarm state over a real mesh: `SwarmView` + `Announcer` on py-libp2p hosts on loopback.
+"""The swarm state over a real mesh: `SwarmView` (pipeline/_swarm.py) + the node's `Announcer`
+(node/_announce.py) on py-libp2p hosts on loopback.
 
 Every test starts its own hosts in-process with `p2p.open_host` (TCP + Noise + yamux, gossipsub),
 connected through one bootstrap peer; nothing is mocked. No test sleeps a fixed time: each waits
@@ -25,15 +26,14 @@ import trio
 
 import crdt
 import p2p
+from node._announce import Announcer, signer_for
 from pipeline._swarm import (
     SWARM_TOPIC,
     SYNC_PROTOCOL,
-    Announcer,
     SwarmSync,
     SwarmTiming,
     SwarmView,
     now_ms,
-    signer_for,
     swarm_topics,
 )
 
@@ -139,6 +139,7 @@ async def test_five_nodes_converge_within_two_heartbeats():
             assert p.view.stats.rejected == 0
 
 
+@pytest.mark.slow  # waits out a lease and a gc interval (~4 s)
 async def test_leave_shows_offline_at_once_and_killed_node_expires_by_lease():
     async with swarm(5) as (peers, _, last_start):
         pids = [p.pid for p in peers]

@@ -1,9 +1,12 @@
-"""The inference protocol between clients and nodes (and node to node), as typed messages.
+"""The inference protocol between clients and nodes (and node to node), as typed messages: the
+whole client <-> node contract (streams, messages, error codes, node states). The client
+(`pipeline/_chain.py`) and the node (`node/_server.py`) both import it; neither imports the other.
 
 Streams (each a `p2p.Session`: framed, heartbeated, every read/write under a deadline):
 
 ``/lamina/inference/1``  client -> node, one stream per inference session and node.
-    client: OpenSession            node: SessionOpened (or an error frame: "busy", "bad_request")
+    client: OpenSession            node: SessionOpened (or an error frame: BUSY, DRAINING,
+                                         BAD_REQUEST; the stream then ends)
     client: Step | Replay | SetNextHop | CloseSession, in any order, one at a time per position
     node:   StepResult for every step it ran (the echo the client keeps for replay; from the last
             node of a chain, the final hidden states), StepFailed for a step it refused, and
@@ -20,6 +23,20 @@ Step ids increase within a session. A node runs a Step whose step_id equals the 
 (a resend after failover: it rewrites the same positions with the same values, idempotent) or is
 higher; it silently drops a Step with a LOWER step_id (a stale push from an upstream node that
 was replaced, e.g. one that was frozen and woke up). Replay carries the original step ids.
+
+Error codes (`p2p.RemoteError.code` of an error frame, or `StepFailed.code`):
+
+* on OpenSession (error frame, the stream ends): BUSY (no KV memory or session slot now, or the
+  node is still starting: try another node), DRAINING, BAD_REQUEST (model fingerprint, blocks
+  outside the node's, a duplicate session id);
+* on a step (StepFailed, the stream stays usable): BAD_REQUEST (it does not fit the session:
+  dtype, shape, position), UNKNOWN_SESSION (a session id other than the stream's), INTERNAL (the
+  forward pass failed);
+* ending an open session (error frame): IDLE_TIMEOUT; on a push stream, UNKNOWN_SESSION (the
+  session is not, or no longer, open there).
+
+`NodeInfo.state` is the lower-case name of the node's `crdt.ServerState` ("joining", "online",
+"draining", "offline"): a client routes only to ONLINE.
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ BAD_REQUEST = p2p.ErrorCode.BAD_REQUEST  # the message does not fit the session 
 UNKNOWN_SESSION = "unknown_session"  # no such session here (closed, idled out, never opened)
 IDLE_TIMEOUT = "idle_timeout"  # the session sat idle too long and was closed
 INTERNAL = p2p.ErrorCode.INTERNAL  # the forward pass failed unexpectedly
-# States a node reports in `NodeInfo.state`.
+# The state a node reports in `NodeInfo.state` when it takes sessions (crdt.ServerState.ONLINE).
 ONLINE = "online"
 
 MAX_BATCH = 64
@@ -50,6 +67,15 @@ MAX_BLOCK = 4096
 MAX_CHUNKS = 4096
 HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+
+__all__ = [
+    "INFERENCE_PROTOCOL", "PUSH_PROTOCOL", "INFO_PROTOCOL",
+    "BUSY", "DRAINING", "BAD_REQUEST", "UNKNOWN_SESSION", "IDLE_TIMEOUT", "INTERNAL", "ONLINE",
+    "MAX_BATCH", "MAX_LENGTH", "MAX_BLOCK", "MAX_CHUNKS", "HIDDEN_DTYPES",
+    "new_session_id",
+    "OpenSession", "SessionOpened", "Step", "Replay", "StepResult", "StepFailed", "PushFailed",
+    "SetNextHop", "CloseSession", "PushOpen", "InfoRequest", "NodeInfo",
+]
 
 
 def new_session_id() -> str:
