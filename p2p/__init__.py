@@ -5,7 +5,8 @@ Layers, bottom up:
 * sans-IO wire format (`encode`, `FrameDecoder`, `SessionProtocol`): length-prefixed frames of
   a msgpack header and raw little-endian tensor payload; typed, validated `Message` classes
   registered with `@message`; no sockets, nothing unpickled;
-* `Session`: a framed, heartbeated, deadline-bounded message stream over one libp2p stream;
+* `Session`: a framed, heartbeated, deadline-bounded message stream over one transport (a
+  libp2p stream, or a direct lane: the session behaves the same on either);
 * `open_host(HostConfig)`: the host, its handlers (isolated, per-peer limited), the Kademlia
   `DHT` and `Gossip`, all owned by one async context manager.
 

@@ -2,14 +2,18 @@
 
 What py-libp2p 0.8.1 does not do, and this module does:
 
-* the routing table is not filled from connections: `Host` calls `DHT.add_peer` for every new
-  connection once identify says the peer serves the Kademlia protocol (server mode);
+* the routing table is not filled from connections: `Host` calls `DHT.seed` for every new
+  connection, which adds the peer once identify says it serves the Kademlia protocol (server
+  mode);
 * `KadDHT.find_providers` returns the local provider cache alone whenever it is non-empty, so a
   node that provides a key itself (or looked it up once) never sees new providers again. Our
   `find_providers` always asks the network and merges the local records;
 * provider keys are plain strings mangled by a CID/hex/utf-8 guess; ours are the sha2-256
   multihash of ``lamina/providers/<key>`` so any model name maps to one well-formed key;
 * server versus client mode is chosen from reachability (`resolve_dht_mode`).
+
+It also joins the swarm at start (`bootstrap`: dial the bootstrap peers, then look ourselves up
+in the background). Nothing here knows the `Host`: it is handed what it needs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,13 +33,14 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
-from ._constants import DHT_PROVIDER_NAMESPACE
+from ._constants import BOOTSTRAP_DEADLINE, DHT_PROVIDER_NAMESPACE, DHT_QUERY_DEADLINE, IDENTIFY_WAIT
+from ._errors import P2PError
 
 logger = logging.getLogger("lamina.p2p")
 
 DhtModeName = Literal["auto", "server", "client"]
 
-__all__ = ["DHT", "PeerRecord", "resolve_dht_mode", "provider_key", "KAD_PROTOCOL_ID"]
+__all__ = ["DHT", "PeerRecord", "resolve_dht_mode", "provider_key", "bootstrap", "refresh", "KAD_PROTOCOL_ID"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,26 @@ class DHT:
             return False
         return await self.kad.add_peer(peer_id)
 
+    async def seed(self, peer_id: ID) -> None:
+        """`add_peer` for a new connection: py-libp2p never adds connected peers to the routing
+        table. Wait (up to `IDENTIFY_WAIT`) for identify to say whether the peer is a DHT
+        server, then add it; give up if it disconnects meanwhile."""
+        peerstore = self._host.get_peerstore()
+        with trio.move_on_after(IDENTIFY_WAIT):
+            while True:
+                try:
+                    if peerstore.get_protocols(peer_id):
+                        break
+                except Exception:
+                    pass
+                if not self._host.get_network().get_connections(peer_id):
+                    return
+                await trio.sleep(0.02)  # identify has no completion event to wait on
+            try:
+                await self.add_peer(peer_id)
+            except Exception as exc:
+                logger.debug("could not add %s to the routing table: %r", peer_id, exc)
+
     def routing_table_peers(self) -> list[ID]:
         return list(self.kad.routing_table.get_peer_ids())
 
@@ -178,3 +203,46 @@ class DHT:
         if info is None:
             return []
         return list(_record(info).addrs)
+
+
+async def bootstrap(addrs: list[str], connect: Callable[[str], Awaitable[object]], dht: DHT | None,
+                    nursery: trio.Nursery) -> None:
+    """Dial the bootstrap peers `addrs` with `connect` (concurrently; failures are logged) and,
+    with a `dht`, look ourselves up so the routing table learns the swarm: the lookup runs in
+    `nursery`, in the background."""
+    if not addrs:
+        return
+    connected = 0
+
+    async def dial(addr: str) -> None:
+        nonlocal connected
+        try:
+            await connect(addr)
+            connected += 1
+        except P2PError as exc:
+            logger.warning("bootstrap peer %s unreachable: %s", addr, exc)
+
+    with trio.move_on_after(BOOTSTRAP_DEADLINE):
+        async with trio.open_nursery() as dials:
+            for addr in addrs:
+                dials.start_soon(dial, addr)
+        if connected and dht is not None:
+            # the routing table is seeded (`DHT.seed`) once identify completes; wait for it
+            with trio.move_on_after(IDENTIFY_WAIT):
+                while not dht.routing_table_peers():
+                    await trio.sleep(0.02)
+    if not connected:
+        logger.warning("no bootstrap peer reachable; running alone")
+    elif dht is not None:
+        # In the background: the lookup asks peers it learns of, and one that does not answer
+        # (a frozen process, a sleeping laptop) held the host's start for the whole deadline.
+        nursery.start_soon(refresh, dht)
+
+
+async def refresh(dht: DHT) -> None:
+    """Look ourselves up (`DHT.refresh`) within `DHT_QUERY_DEADLINE`; failures are logged."""
+    with trio.move_on_after(DHT_QUERY_DEADLINE):
+        try:
+            await dht.refresh()
+        except Exception as exc:  # py-libp2p raises assorted errors; a lookup must not kill the host
+            logger.warning("DHT bootstrap lookup failed: %r", exc)

@@ -12,6 +12,10 @@ stream. Either way the handler and the client get the same `Session` interface.
 Handlers run isolated: whatever a handler raises becomes an `ErrorMessage` frame to the peer
 (``RemoteError`` codes pass through; anything else is ``"internal"``) and never reaches
 py-libp2p, where an exception escaping a stream handler tears the whole host down.
+
+Around it: `_libp2p` (the py-libp2p host and its adaptations), `_lane_setup` (moving a session
+to a lane), `_dht` (the DHT, the routing table's seeding, bootstrap), `_session` over
+`_transport` (a session on a libp2p stream or a lane).
 """
 
 from __future__ import annotations
@@ -25,35 +29,21 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p import new_host
-from libp2p.abc import INotifee
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.io.trio import TrioTCPStream
-from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ._constants import (
-    BOOTSTRAP_DEADLINE,
     DEFAULT_MAX_CONCURRENT_PER_PEER,
-    DHT_QUERY_DEADLINE,
     DIAL_DEADLINE,
     GOSSIP_MAX_MESSAGE_SIZE,
-    IDENTIFY_WAIT,
     LANE_CONNECT_DEADLINE,
-    LANE_HELLO_DEADLINE,
-    LANE_TICKET_TTL,
     LANE_UNREACHABLE_TTL,
     MAX_FRAME_SIZE,
     OPEN_STREAM_DEADLINE,
     RESET_DEADLINE,
 )
-from ._dht import DHT, resolve_dht_mode
+from ._dht import DHT, bootstrap, resolve_dht_mode
 from ._errors import (
     EndOfSession,
     ErrorCode,
@@ -70,11 +60,14 @@ from ._errors import (
 from ._gossip import Gossip
 from ._expiring import ExpiringSet
 from ._identity import Identity
-from ._lane import (LaneDecline, LaneHello, LaneInvite, LaneListener, LaneStream, LaneUnavailable,
-                    connect_lane, lane_ip)
+from ._lane import LaneListener, LaneStream
+from ._lane_setup import accept_lane, request_lane, start_lanes
+from ._libp2p import (Notifee, close_connections, isolate_libp2p_handlers, new_libp2p_host, reap_inbound_handlers,
+                      unsupported)
 from ._logging import quiet_libp2p_logging
 from ._messages import REGISTRY, ErrorMessage, Message
 from ._session import Session, run_session
+from ._transport import LaneTransport, StreamTransport
 
 logger = logging.getLogger("lamina.p2p")
 
@@ -181,32 +174,6 @@ def _ip_of(ma: multiaddr.Multiaddr) -> str | None:
         except Exception:
             continue
     return None
-
-
-class _Notifee(INotifee):
-    """Forwards connection events to the host without blocking the swarm (py-libp2p awaits
-    notifees inline on its connection path)."""
-
-    def __init__(self, host: "Host") -> None:
-        self._host = host
-
-    async def connected(self, network, conn) -> None:  # type: ignore[no-untyped-def]
-        self._host._spawn_peer_event(conn, connected=True)
-
-    async def disconnected(self, network, conn) -> None:  # type: ignore[no-untyped-def]
-        self._host._spawn_peer_event(conn, connected=False)
-
-    async def opened_stream(self, network, stream) -> None:  # type: ignore[no-untyped-def]
-        return None
-
-    async def closed_stream(self, network, stream) -> None:  # type: ignore[no-untyped-def]
-        return None
-
-    async def listen(self, network, multiaddr) -> None:  # type: ignore[no-untyped-def]
-        return None
-
-    async def listen_close(self, network, multiaddr) -> None:  # type: ignore[no-untyped-def]
-        return None
 
 
 class Host:
@@ -326,32 +293,12 @@ class Host:
 
     async def _peer_event(self, peer_id: ID, connected: bool) -> None:
         if connected and self.dht is not None:
-            await self._seed_routing_table(peer_id)
+            await self.dht.seed(peer_id)
         for callback in list(self._on_connected if connected else self._on_disconnected):
             try:
                 await callback(peer_id)
             except Exception:
                 logger.exception("peer %s callback %r failed", "connected" if connected else "disconnected", callback)
-
-    async def _seed_routing_table(self, peer_id: ID) -> None:
-        """py-libp2p never adds connected peers to the routing table: wait for identify to
-        say whether the peer is a DHT server, then add it."""
-        assert self.dht is not None
-        peerstore = self.libp2p.get_peerstore()
-        with trio.move_on_after(IDENTIFY_WAIT):
-            while True:
-                try:
-                    if peerstore.get_protocols(peer_id):
-                        break
-                except Exception:
-                    pass
-                if not self.is_connected(peer_id):
-                    return
-                await trio.sleep(0.02)  # identify has no completion event to wait on
-            try:
-                await self.dht.add_peer(peer_id)
-            except Exception as exc:
-                logger.debug("could not add %s to the routing table: %r", peer_id, exc)
 
     # -- handlers --------------------------------------------------------------------------
     def set_unary_handler(
@@ -412,7 +359,7 @@ class Host:
         counted = False
         try:
             lane: LaneStream | None = None
-            async with run_session(stream, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
+            async with run_session(StreamTransport(stream), peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
                 running = handler.active.get(peer_id, 0)
                 if running >= handler.max_concurrent_per_peer:
                     await session.send(ErrorMessage(ErrorCode.BUSY, f"more than {handler.max_concurrent_per_peer} concurrent {handler.protocol_id} streams"))
@@ -423,13 +370,13 @@ class Host:
                     await self._serve_unary(handler, peer_id, session)
                 else:
                     if handler.lane:
-                        lane = await self._accept_lane(session)
+                        lane = await accept_lane(session, self.lanes)
                     if lane is None:
                         await self._serve_session(handler, peer_id, session)
                     else:  # reset, not goodbye: waiting for the client's goodbye delays the lane
                         await session._abort(LocalProtocolError("the session moved to a lane"))
             if lane is not None:  # the libp2p stream is closed; the session goes on over the lane
-                async with run_session(lane, peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
+                async with run_session(LaneTransport(lane), peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
                     await self._serve_session(handler, peer_id, session)
         except Exception as exc:
             if _only(exc, _STREAM_ENDINGS):  # (possibly wrapped by a nursery on the way out)
@@ -443,85 +390,6 @@ class Host:
                     handler.active[peer_id] = left
                 else:
                     handler.active.pop(peer_id, None)
-
-    async def _accept_lane(self, session: Session) -> LaneStream | None:
-        """Server side of the lane set-up (see `_lane`): the lane the client moved to, or None
-        to stay on this session (the client did not ask, could not connect, or we have no
-        lanes). A first message that is not a `LaneHello` is left for the handler."""
-        first: Message | None = None
-        with trio.move_on_after(LANE_HELLO_DEADLINE):
-            try:
-                first = await session.receive()
-            except (EndOfSession, RemoteError):
-                return None  # the handler sees the same when it reads
-        if first is None:
-            return None
-        if type(first) is not LaneHello:
-            session._unreceive(first)
-            return None
-        offer = self.lanes.invite() if self.lanes is not None else None
-        if offer is None:
-            await session.send(LaneUnavailable("this host has no lane listener" if self.lanes is None else "too many lanes being set up"))
-            return None
-        invite, ticket = offer
-        await session.send(invite)
-        declined = False
-        try:
-            with trio.move_on_after(LANE_TICKET_TTL):
-                async with trio.open_nursery() as nursery:
-
-                    async def client_answer() -> None:
-                        nonlocal declined
-                        try:
-                            msg = await session.receive()
-                        except P2PError:
-                            pass  # after a lane arrived, the client resets this stream
-                        else:
-                            declined = True  # LaneDecline, or the client went on without a lane
-                            if type(msg) is not LaneDecline:
-                                session._unreceive(msg)
-                        nursery.cancel_scope.cancel()
-
-                    async def lane_arrival() -> None:
-                        await ticket.arrived.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(client_answer)
-                    nursery.start_soon(lane_arrival)
-        finally:
-            self.lanes.withdraw(invite.ticket)
-        if declined and ticket.stream is not None:  # the client stays on libp2p: so do we
-            await ticket.stream.reset()
-            return None
-        return ticket.stream
-
-    async def _request_lane(self, session: Session, stream: Any) -> LaneStream | None:
-        """Client side of the lane set-up: the lane, or None to stay on this session."""
-        ip = lane_ip(stream)
-        if ip is None:
-            return None
-        key = (str(session.peer_id), ip)
-        if key in self._unreachable_lanes:
-            return None
-        await session.send(LaneHello())
-        reply = await session.receive()
-        if type(reply) is LaneUnavailable:
-            logger.debug("%s has no lane for %s: %s", session.peer_id, session.protocol_id, reply.reason)
-            return None
-        if type(reply) is not LaneInvite:
-            raise RemoteProtocolError(f"expected a lane invite, got {type(reply).TYPE}")
-        try:
-            return await connect_lane(ip, reply)
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            if isinstance(exc, (OSError, trio.TooSlowError)):  # not reached, not just closed on us
-                logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",
-                            session.peer_id, ip, reply.port, exc, LANE_UNREACHABLE_TTL)
-                self._unreachable_lanes.add(key)
-            else:
-                logger.info("the lane of %s at %s:%d failed (%r); staying on libp2p",
-                            session.peer_id, ip, reply.port, exc)
-            await session.send(LaneDecline(repr(exc)[:200]))
-            return None
 
     async def _serve_unary(self, handler: _Handler, peer_id: ID, session: Session) -> None:
         try:
@@ -572,7 +440,7 @@ class Host:
                 try:
                     return await self.libp2p.new_stream(peer_id, [TProtocol(protocol_id)])
                 except Exception as exc:
-                    if _unsupported(exc):
+                    if unsupported(exc):
                         raise
                     # The connection we had was going away (py-libp2p: "No valid connections
                     # available", seen between two nodes that dialled each other at once):
@@ -587,7 +455,7 @@ class Host:
         except P2PError:
             raise
         except Exception as exc:
-            if _unsupported(exc):
+            if unsupported(exc):
                 raise UnsupportedProtocolError(f"{peer_id} does not serve {protocol_id}", peer_id=peer_id) from exc
             raise PeerBrokenError(f"cannot open {protocol_id} to {peer_id}: {exc}", peer_id=peer_id) from exc
 
@@ -614,11 +482,11 @@ class Host:
         peer_id = _as_peer_id(peer)
         stream = await self._open_stream(peer_id, protocol_id)
         moved: LaneStream | None = None
-        async with run_session(stream, peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
+        async with run_session(StreamTransport(stream), peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
             if lane and self.config.enable_lanes:
                 try:
                     with trio.fail_after(OPEN_STREAM_DEADLINE + LANE_CONNECT_DEADLINE):
-                        moved = await self._request_lane(session, stream)
+                        moved = await request_lane(session, stream, self._unreachable_lanes)
                 except trio.TooSlowError:
                     raise PeerTimeoutError(f"setting up a lane to {peer_id} timed out", peer_id=peer_id) from None
             if moved is None:
@@ -626,7 +494,7 @@ class Host:
             else:  # reset, not goodbye: the lane need not wait for a goodbye exchange
                 await session._abort(LocalProtocolError("the session moved to a lane"))
         if moved is not None:
-            async with run_session(moved, peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
+            async with run_session(LaneTransport(moved), peer_id, protocol_id, max_frame_size=self.config.max_message_size) as session:
                 yield session
 
     async def request(self, peer: PeerLike, protocol_id: str, msg: Message) -> Message:
@@ -645,11 +513,6 @@ class Host:
         if error is not None:
             raise error
         return reply
-
-
-def _unsupported(exc: BaseException) -> bool:
-    """py-libp2p's way of saying the peer does not serve a protocol."""
-    return "not supported" in str(exc) or "not supported" in str(exc.__cause__)
 
 
 def _describe(exc: BaseException) -> str:
@@ -682,34 +545,6 @@ async def _send_error(session: Session, error: ErrorMessage) -> None:
 
 
 # --- open_host ------------------------------------------------------------------------------
-def _libp2p_host(config: HostConfig, host_ref: list[Host]) -> Any:
-    kp = config.identity.key_pair
-    listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
-
-    def addrs_factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        return host_ref[0]._advertised(candidates) if host_ref else list(candidates)
-
-    return new_host(
-        key_pair=kp,
-        listen_addrs=listen,
-        # Noise only: new_host's default also offers TLS, secio and plaintext.
-        sec_opt={TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)},
-        # yamux only: the default falls back to mplex.
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-        connection_config=ConnectionConfig(
-            max_connections_per_peer=1,  # more makes every dial wait ~250 ms for a second one
-            min_connections=0,  # no auto-dialling of every peer in the peerstore
-            low_watermark=0,
-            dial_timeout=DIAL_DEADLINE,
-        ),
-        addrs_factory=addrs_factory,
-        # identify's observed addresses of TCP dialers are ephemeral ports: never advertise them
-        disable_identify_address_discovery=True,
-        enable_mDNS=False,
-        enable_upnp=False,
-    )
-
-
 @asynccontextmanager
 async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     """Start a host with its DHT and gossip, dial the bootstrap peers, yield the `Host`.
@@ -718,13 +553,17 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     """
     quiet_libp2p_logging()
     host_ref: list[Host] = []
-    h = _libp2p_host(config, host_ref)
+
+    def addrs_factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        return host_ref[0]._advertised(candidates) if host_ref else list(candidates)
+
+    h = new_libp2p_host(config.identity.key_pair, config.listen_addrs, addrs_factory)
     host = Host(config, h)
     host_ref.append(host)
     listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
     try:
         async with h.run(listen):
-            _reap_inbound_handlers(h)
+            reap_inbound_handlers(h)
             try:
                 async with trio.open_nursery() as nursery:
                     host._nursery = nursery
@@ -740,17 +579,19 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                             host.dht = DHT(h, mode)
                             await nursery.start(host.dht.serve)
                         if config.enable_lanes:
-                            await _start_lanes(host, nursery)
-                        _isolate_libp2p_handlers(h)
-                        h.get_network().register_notifee(_Notifee(host))
-                        await _bootstrap(host)
+                            # on the host of the first listen address
+                            bind = _ip_of(multiaddr.Multiaddr(config.listen_addrs[0])) or "0.0.0.0"
+                            host.lanes = await start_lanes(bind, config.lane_port, nursery)
+                        isolate_libp2p_handlers(h)
+                        h.get_network().register_notifee(Notifee(host._spawn_peer_event))
+                        await bootstrap(config.bootstrap_peers, host.connect, host.dht, nursery)
                         yield host
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
                 host._nursery = None
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await _close_connections(h)
+                    await close_connections(h)
                     await h.close()  # inside run(): leaving run() alone leaves connections open
     except BaseExceptionGroup as group:
         # py-libp2p's and our nurseries wrap whatever the body raised; hand it on as itself
@@ -768,146 +609,9 @@ def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
     return isinstance(exc, kinds)
 
 
-async def _start_lanes(host: Host, nursery: trio.Nursery) -> None:
-    """Start the lane listener on the host of the first listen address. Lanes are an
-    optimisation: when the port cannot be bound, sessions stay on libp2p streams."""
-    bind = _ip_of(multiaddr.Multiaddr(host.config.listen_addrs[0])) or "0.0.0.0"
-    listener = LaneListener(bind, host.config.lane_port)
-    try:
-        await nursery.start(listener.serve)
-    except OSError as exc:
-        logger.warning("no direct lanes: cannot listen on %s:%d (%s)", bind, host.config.lane_port, exc)
-        return
-    host.lanes = listener
-
-
-class _ClosingTCPStream(TrioTCPStream):
-    """A TCP stream that says when it has been closed."""
-
-    def __init__(self, stream: trio.SocketStream, closed: trio.Event) -> None:
-        super().__init__(stream)
-        self._closed_event = closed
-
-    async def close(self) -> None:
-        try:
-            await super().close()
-        finally:
-            self._closed_event.set()
-
-
-def _isolate_libp2p_handlers(h: Any) -> None:
-    """Wrap py-libp2p's own stream handlers (identify, ping, Kademlia, gossipsub, ...) so that
-    one of them raising on a peer's garbage resets that stream instead of killing the host."""
-    handlers = h.get_mux().handlers
-    for protocol, handler in list(handlers.items()):
-        if handler is None or getattr(handler, "_lamina_isolated", False):
-            continue
-
-        async def isolated(stream: Any, _handler: Any = handler, _protocol: Any = protocol) -> None:
-            try:
-                await _handler(stream)
-            except Exception as exc:
-                logger.debug("py-libp2p handler for %s failed: %r", _protocol, exc)
-                with trio.CancelScope(shield=True), trio.move_on_after(RESET_DEADLINE):
-                    try:
-                        await stream.reset()
-                    except Exception:
-                        pass
-
-        isolated._lamina_isolated = True  # type: ignore[attr-defined]
-        handlers[protocol] = isolated
-
-
-def _reap_inbound_handlers(h: Any) -> None:
-    """py-libp2p keeps the listener task of every inbound connection alive until the swarm
-    stops ("intentional barrier"), so a long-running node leaks a task per connection ever
-    accepted. Wrap each TCP listener's handler so that task ends when its socket is closed."""
-    for listener in h.get_network().listeners.values():
-        handler = getattr(listener, "handler", None)
-        if handler is None or getattr(handler, "_lamina_reaping", False):
-            continue
-
-        async def reaping(stream: Any, _handler: Any = handler) -> None:
-            if not isinstance(stream, TrioTCPStream):
-                await _handler(stream)
-                return
-            closed = trio.Event()
-            async with trio.open_nursery() as nursery:
-
-                async def run() -> None:
-                    try:
-                        await _handler(_ClosingTCPStream(stream.stream, closed))
-                    finally:
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(run)
-                await closed.wait()
-                nursery.cancel_scope.cancel()
-
-        reaping._lamina_reaping = True  # type: ignore[attr-defined]
-        listener.handler = reaping
-
-
-async def _close_connections(h: Any) -> None:
-    """Close every connection at once: py-libp2p closes them one by one, ~0.2 s each (yamux and
-    the swarm both sleep 0.1 s while closing), which is 10 s for a node with 50 peers."""
-
-    async def close(conn: Any) -> None:
-        try:
-            await conn.close()
-        except Exception as exc:
-            logger.debug("closing %r: %r", conn, exc)
-
-    async with trio.open_nursery() as nursery:
-        for conns in list(h.get_network().connections.values()):
-            for conn in list(conns):
-                nursery.start_soon(close, conn)
-
-
 async def serve_host(config: HostConfig, *, task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED) -> None:
     """`open_host` as a trio service: ``host = await nursery.start(serve_host, config)``; the
     host runs until the nursery is cancelled."""
     async with open_host(config) as host:
         task_status.started(host)
         await trio.sleep_forever()
-
-
-async def _bootstrap(host: Host) -> None:
-    """Dial the bootstrap peers (concurrently; failures are logged) and, with a DHT, look
-    ourselves up so the routing table learns the swarm."""
-    if not host.config.bootstrap_peers:
-        return
-    connected = 0
-
-    async def dial(addr: str) -> None:
-        nonlocal connected
-        try:
-            await host.connect(addr)
-            connected += 1
-        except P2PError as exc:
-            logger.warning("bootstrap peer %s unreachable: %s", addr, exc)
-
-    with trio.move_on_after(BOOTSTRAP_DEADLINE):
-        async with trio.open_nursery() as nursery:
-            for addr in host.config.bootstrap_peers:
-                nursery.start_soon(dial, addr)
-        if connected and host.dht is not None:
-            # the routing table is seeded by _peer_event once identify completes; wait for it
-            with trio.move_on_after(IDENTIFY_WAIT):
-                while not host.dht.routing_table_peers():
-                    await trio.sleep(0.02)
-    if not connected:
-        logger.warning("no bootstrap peer reachable; running alone")
-    elif host.dht is not None and host._nursery is not None:
-        # In the background: the lookup asks peers it learns of, and one that does not answer
-        # (a frozen process, a sleeping laptop) held the host's start for the whole deadline.
-        host._nursery.start_soon(_refresh_dht, host.dht)
-
-
-async def _refresh_dht(dht: DHT) -> None:
-    with trio.move_on_after(DHT_QUERY_DEADLINE):
-        try:
-            await dht.refresh()
-        except Exception as exc:  # py-libp2p raises assorted errors; a lookup must not kill the host
-            logger.warning("DHT bootstrap lookup failed: %r", exc)
-

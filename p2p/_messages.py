@@ -159,41 +159,58 @@ def _compile(tp: Any, limits: Mapping[str, Any], owner: str) -> tuple[_Check, _C
 
     if tp is Tensor:
         return _compile_tensor(limits), _identity, True
-
     if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) != 1 or len(args) != 2:
-            raise TypeError(f"{owner}: only `X | None` unions are supported, got {tp}")
-        inner_check, inner_wire, is_tensor = _compile(non_none[0], limits, owner)
-
-        def check_optional(value: Any) -> Any:
-            return None if value is None else inner_check(value)
-
-        def wire_optional(value: Any) -> Any:
-            return None if value is None else inner_wire(value)
-
-        return check_optional, wire_optional, is_tensor
-
+        return _compile_optional(tp, args, limits, owner)
     if tp is Any:
-        check_len = _length_checker(limits)
+        return _compile_anything(limits), _identity, False
+    if tp is type(None) or tp is None or tp is bool or tp is int or tp is float:
+        return _compile_scalar(tp, limits), _identity, False
+    if tp in (str, bytes):
+        return _compile_text(tp, limits), _identity, False
+    if origin is Literal:
+        return _compile_literal(args, owner), _identity, False
+    if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
+        return _compile_sequence(tp, args, limits, owner)
+    if origin is tuple:
+        return _compile_fixed_tuple(tp, args, owner)
+    if origin is dict:
+        return _compile_map(tp, args, limits, owner)
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return _compile_nested(tp, owner)
+    raise TypeError(f"{owner}: unsupported field annotation {_describe(tp)}")
 
-        def check_anything(value: Any) -> Any:
-            value = _check_any(value)
-            if isinstance(value, (str, bytes, tuple, dict)):
-                check_len(value)
-            return value
 
-        return check_anything, _identity, False
+def _compile_optional(tp: Any, args: tuple[Any, ...], limits: Mapping[str, Any], owner: str) -> tuple[_Check, _Check, bool]:
+    """`X | None`: X's check and conversion, None let through."""
+    non_none = [a for a in args if a is not type(None)]
+    if len(non_none) != 1 or len(args) != 2:
+        raise TypeError(f"{owner}: only `X | None` unions are supported, got {tp}")
+    inner_check, inner_wire, is_tensor = _compile(non_none[0], limits, owner)
 
-    if tp is type(None) or tp is None:
+    def check_optional(value: Any) -> Any:
+        return None if value is None else inner_check(value)
 
-        def check_none(value: Any) -> Any:
-            if value is not None:
-                raise _Invalid(f"expected None, got {type(value).__name__}")
-            return value
+    def wire_optional(value: Any) -> Any:
+        return None if value is None else inner_wire(value)
 
-        return check_none, _identity, False
+    return check_optional, wire_optional, is_tensor
 
+
+def _compile_anything(limits: Mapping[str, Any]) -> _Check:
+    """`Any`: any msgpack-native value (`_check_any`), its length limited if it has one."""
+    check_len = _length_checker(limits)
+
+    def check_anything(value: Any) -> Any:
+        value = _check_any(value)
+        if isinstance(value, (str, bytes, tuple, dict)):
+            check_len(value)
+        return value
+
+    return check_anything
+
+
+def _compile_scalar(tp: Any, limits: Mapping[str, Any]) -> _Check:
+    """None, bool, int (64 bits, in range) and float (ints that convert exactly, in range)."""
     if tp is bool:
 
         def check_bool(value: Any) -> Any:
@@ -201,7 +218,7 @@ def _compile(tp: Any, limits: Mapping[str, Any], owner: str) -> tuple[_Check, _C
                 raise _Invalid(f"expected bool, got {type(value).__name__}")
             return value
 
-        return check_bool, _identity, False
+        return check_bool
 
     if tp is int:
         check_range = _range_checker(limits)
@@ -214,7 +231,7 @@ def _compile(tp: Any, limits: Mapping[str, Any], owner: str) -> tuple[_Check, _C
             check_range(value)
             return value
 
-        return check_int, _identity, False
+        return check_int
 
     if tp is float:
         check_range = _range_checker(limits)
@@ -227,118 +244,135 @@ def _compile(tp: Any, limits: Mapping[str, Any], owner: str) -> tuple[_Check, _C
             check_range(value)
             return value
 
-        return check_float, _identity, False
+        return check_float
 
-    if tp in (str, bytes):
-        check_len = _length_checker(limits)
+    def check_none(value: Any) -> Any:
+        if value is not None:
+            raise _Invalid(f"expected None, got {type(value).__name__}")
+        return value
 
-        def check_text(value: Any) -> Any:
-            if type(value) is not tp:
-                raise _Invalid(f"expected {tp.__name__}, got {type(value).__name__}")
-            check_len(value)
+    return check_none
+
+
+def _compile_text(tp: type, limits: Mapping[str, Any]) -> _Check:
+    """str or bytes, exactly that type, its length limited."""
+    check_len = _length_checker(limits)
+
+    def check_text(value: Any) -> Any:
+        if type(value) is not tp:
+            raise _Invalid(f"expected {tp.__name__}, got {type(value).__name__}")
+        check_len(value)
+        return value
+
+    return check_text
+
+
+def _compile_literal(args: tuple[Any, ...], owner: str) -> _Check:
+    """`Literal[...]` of str, int or bool values: one of them, of the same type."""
+    for a in args:
+        if type(a) not in (str, int, bool):
+            raise TypeError(f"{owner}: Literal values must be str, int or bool")
+
+    def check_literal(value: Any) -> Any:
+        if not any(type(a) is type(value) and a == value for a in args):
+            raise _Invalid(f"{value!r} is not one of {sorted(map(repr, args))}")
+        return value
+
+    return check_literal
+
+
+def _compile_sequence(tp: Any, args: tuple[Any, ...], limits: Mapping[str, Any], owner: str) -> tuple[_Check, _Check, bool]:
+    """`list[X]` or `tuple[X, ...]`: a tuple of checked items (a list on the wire)."""
+    if not args:
+        raise TypeError(f"{owner}: bare {tp} needs an item type")
+    item_check, item_wire, item_tensor = _compile(args[0], {}, owner)
+    if item_tensor:
+        raise TypeError(f"{owner}: tensors are only supported as direct fields, not in {tp}")
+    check_len = _length_checker(limits)
+
+    def check_seq(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid(f"expected a sequence, got {type(value).__name__}")
+        check_len(value)
+        return tuple(item_check(v) for v in value)
+
+    def wire_seq(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            return value  # check_seq reports it
+        return [item_wire(v) for v in value]
+
+    return check_seq, (wire_seq if item_wire is not _identity else _identity), False
+
+
+def _compile_fixed_tuple(tp: Any, args: tuple[Any, ...], owner: str) -> tuple[_Check, _Check, bool]:
+    """`tuple[X, Y, ...]` of a fixed length, each item checked by its own type."""
+    compiled = [_compile(a, {}, owner) for a in args]
+    if any(c[2] for c in compiled):
+        raise TypeError(f"{owner}: tensors are only supported as direct fields, not in {tp}")
+
+    def check_fixed(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != len(compiled):
+            raise _Invalid(f"expected a {len(compiled)}-tuple")
+        return tuple(c[0](v) for c, v in zip(compiled, value))
+
+    def wire_fixed(value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != len(compiled):
             return value
+        return [c[1](v) for c, v in zip(compiled, value)]
 
-        return check_text, _identity, False
+    return check_fixed, wire_fixed, False
 
-    if origin is Literal:
-        for a in args:
-            if type(a) not in (str, int, bool):
-                raise TypeError(f"{owner}: Literal values must be str, int or bool")
 
-        def check_literal(value: Any) -> Any:
-            if not any(type(a) is type(value) and a == value for a in args):
-                raise _Invalid(f"{value!r} is not one of {sorted(map(repr, args))}")
+def _compile_map(tp: Any, args: tuple[Any, ...], limits: Mapping[str, Any], owner: str) -> tuple[_Check, _Check, bool]:
+    """`dict[str, X]`: str keys, checked values, its size limited."""
+    if len(args) != 2 or args[0] is not str:
+        raise TypeError(f"{owner}: only dict[str, X] is supported, got {tp}")
+    value_check, value_wire, value_tensor = _compile(args[1], {}, owner)
+    if value_tensor:
+        raise TypeError(f"{owner}: tensors are only supported as direct fields, not in {tp}")
+    check_len = _length_checker(limits)
+
+    def check_map(value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise _Invalid(f"expected a dict, got {type(value).__name__}")
+        check_len(value)
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _Invalid(f"map keys must be str, got {type(k).__name__}")
+            out[k] = value_check(v)
+        return out
+
+    def wire_map(value: Any) -> Any:
+        if not isinstance(value, Mapping):
             return value
+        return {k: value_wire(v) for k, v in value.items()}
 
-        return check_literal, _identity, False
+    return check_map, (wire_map if value_wire is not _identity else _identity), False
 
-    if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
-        if not args:
-            raise TypeError(f"{owner}: bare {tp} needs an item type")
-        item_check, item_wire, item_tensor = _compile(args[0], {}, owner)
-        if item_tensor:
-            raise TypeError(f"{owner}: tensors are only supported as direct fields, not in {tp}")
-        check_len = _length_checker(limits)
 
-        def check_seq(value: Any) -> Any:
-            if not isinstance(value, (list, tuple)):
-                raise _Invalid(f"expected a sequence, got {type(value).__name__}")
-            check_len(value)
-            return tuple(item_check(v) for v in value)
+def _compile_nested(tp: type, owner: str) -> tuple[_Check, _Check, bool]:
+    """A nested `Message` dataclass without tensors (a map on the wire)."""
+    if not dataclasses.is_dataclass(tp):
+        raise TypeError(f"{owner}: nested {tp.__name__} must be a dataclass")
 
-        def wire_seq(value: Any) -> Any:
-            if not isinstance(value, (list, tuple)):
-                return value  # check_seq reports it
-            return [item_wire(v) for v in value]
+    def check_nested(value: Any) -> Any:
+        if type(value) is not tp:
+            raise _Invalid(f"expected {tp.__name__}, got {type(value).__name__}")
+        return value
 
-        return check_seq, (wire_seq if item_wire is not _identity else _identity), False
-
-    if origin is tuple:
-        compiled = [_compile(a, {}, owner) for a in args]
-        if any(c[2] for c in compiled):
-            raise TypeError(f"{owner}: tensors are only supported as direct fields, not in {tp}")
-
-        def check_fixed(value: Any) -> Any:
-            if not isinstance(value, (list, tuple)) or len(value) != len(compiled):
-                raise _Invalid(f"expected a {len(compiled)}-tuple")
-            return tuple(c[0](v) for c, v in zip(compiled, value))
-
-        def wire_fixed(value: Any) -> Any:
-            if not isinstance(value, (list, tuple)) or len(value) != len(compiled):
-                return value
-            return [c[1](v) for c, v in zip(compiled, value)]
-
-        return check_fixed, wire_fixed, False
-
-    if origin is dict:
-        if len(args) != 2 or args[0] is not str:
-            raise TypeError(f"{owner}: only dict[str, X] is supported, got {tp}")
-        value_check, value_wire, value_tensor = _compile(args[1], {}, owner)
-        if value_tensor:
-            raise TypeError(f"{owner}: tensors are only supported as direct fields, not in {tp}")
-        check_len = _length_checker(limits)
-
-        def check_map(value: Any) -> Any:
-            if not isinstance(value, Mapping):
-                raise _Invalid(f"expected a dict, got {type(value).__name__}")
-            check_len(value)
-            out = {}
-            for k, v in value.items():
-                if type(k) is not str:
-                    raise _Invalid(f"map keys must be str, got {type(k).__name__}")
-                out[k] = value_check(v)
-            return out
-
-        def wire_map(value: Any) -> Any:
-            if not isinstance(value, Mapping):
-                return value
-            return {k: value_wire(v) for k, v in value.items()}
-
-        return check_map, (wire_map if value_wire is not _identity else _identity), False
-
-    if isinstance(tp, type) and issubclass(tp, Message):
-        if not dataclasses.is_dataclass(tp):
-            raise TypeError(f"{owner}: nested {tp.__name__} must be a dataclass")
-
-        def check_nested(value: Any) -> Any:
-            if type(value) is not tp:
-                raise _Invalid(f"expected {tp.__name__}, got {type(value).__name__}")
-            return value
-
-        def wire_nested(value: Any) -> Any:
-            if not isinstance(value, Mapping):
-                return value  # check_nested reports it
-            spec = _spec(tp)
-            if spec.tensor_fields:
-                raise _Invalid(f"nested {tp.__name__} cannot carry tensors")
-            return _construct(tp, spec, dict(value))
-
+    def wire_nested(value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value  # check_nested reports it
         spec = _spec(tp)
         if spec.tensor_fields:
-            raise TypeError(f"{owner}: nested {tp.__name__} cannot carry tensors")
-        return check_nested, wire_nested, False
+            raise _Invalid(f"nested {tp.__name__} cannot carry tensors")
+        return _construct(tp, spec, dict(value))
 
-    raise TypeError(f"{owner}: unsupported field annotation {_describe(tp)}")
+    spec = _spec(tp)
+    if spec.tensor_fields:
+        raise TypeError(f"{owner}: nested {tp.__name__} cannot carry tensors")
+    return check_nested, wire_nested, False
 
 
 def _compile_tensor(limits: Mapping[str, Any]) -> _Check:

@@ -1,12 +1,9 @@
-"""`Session`: the thin trio layer that runs a `SessionProtocol` over one py-libp2p stream.
+"""`Session`: the thin trio layer that runs a `SessionProtocol` over one transport.
 
-Each session owns three small tasks:
+The transport (`_transport`: a py-libp2p stream, or a direct lane) moves the bytes and decides
+who reads them: a reader task that queues decoded messages (libp2p), or the receiving task
+itself (a lane). The session does the rest, the same on every transport, with two small tasks:
 
-* a reader that reads the stream, feeds the sans-IO protocol and queues decoded messages
-  (a bounded queue: a slow consumer slows the peer down instead of growing memory). On a
-  direct lane (`_lane.LaneStream`) there is no reader task: `receive` reads the socket itself,
-  so a message costs no task switch between the read and its consumer (the lane's TCP buffer
-  is the bounded queue). A failure found by the watchdog wakes that read;
 * a heartbeat sender that writes a `Heartbeat` whenever we have been quiet for
   `HEARTBEAT_INTERVAL`;
 * a watchdog that declares the peer frozen (`PeerFrozenError`) when the reader has been waiting
@@ -25,10 +22,8 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
-from libp2p.io.exceptions import IOException
 from libp2p.peer.id import ID
 
 from ._constants import (
@@ -39,7 +34,6 @@ from ._constants import (
     MAX_FRAME_SIZE,
     READ_SIZE,
     RESET_DEADLINE,
-    SESSION_RECEIVE_QUEUE,
     WATCHDOG_TICK,
     WRITE_CHUNK,
     WRITE_STALL_DEADLINE,
@@ -52,19 +46,16 @@ from ._errors import (
     PeerBrokenError,
     PeerFrozenError,
     PeerTimeoutError,
-    ReceiveInterrupted,
     RemoteError,
     RemoteProtocolError,
     reraise_single,
 )
-from ._lane import LaneStream
 from ._messages import ErrorMessage, Goodbye, Message
 from ._protocol import SessionProtocol, State
+from ._transport import STREAM_ERRORS, Transport
 from ._wire import encode
 
 logger = logging.getLogger("lamina.p2p")
-
-_STREAM_ERRORS = (IOException, trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError)
 
 
 YIELD_EVERY_CHUNKS = 16  # pieces of a big frame (about 1 MB) between two forced yields
@@ -92,20 +83,22 @@ class Session:
 
     `send(msg)` and `receive()` may run concurrently from different tasks. Iterating the session
     yields messages until the peer says goodbye. An `ErrorMessage` from the peer is raised as
-    `RemoteError`.
+    `RemoteError`. The session works the same on every transport (`_transport`).
     """
 
-    def __init__(self, stream: Any, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE):
-        self._stream = stream
+    def __init__(self, transport: Transport, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE):
+        self._transport = transport
+        self._stream = transport.stream
+        # bound once: called per message
+        self._next_message = transport.receive
+        self._send_nowait = transport.send_nowait
         self.peer_id = peer_id
         self.protocol_id = protocol_id
         self._proto = SessionProtocol(max_frame_size=max_frame_size)
-        self._queue_send, self._queue_receive = trio.open_memory_channel[Message](SESSION_RECEIVE_QUEUE)
         self._write_lock = trio.Lock()
         self._error: BaseException | None = None
         self._cancel_on_fail: set[trio.CancelScope] = set()
         self._background = trio.CancelScope()
-        self._reader_done = trio.Event()
         self._closing = False
         self._closed = False
         # trio's clock, bound once: `trio.current_time()` costs three Python frames per call,
@@ -120,14 +113,11 @@ class Session:
         self._connection_corrupt = False
         self._tx_whole = True  # every frame we started writing went out complete
         self._error_frame: ErrorMessage | None = None  # to send the peer when we release the stream
-        self._unreceived: Message | None = None  # handed back by `_unreceive`, returned first
-        # direct reads (lanes): `receive` reads the stream itself; decoded messages wait here
-        self._direct = isinstance(stream, LaneStream)
+        # decoded messages not received yet, returned before any other: a lane's reads put
+        # them here (a libp2p stream's messages wait in its reader's queue); `_unreceive` puts
+        # one back
         self._pending: deque[Message] = deque()
-        self._receiving = False  # a task is in `_read_message`
-        self._receive_done: trio.Event | None = None  # for tasks waiting their turn to read
         self._rx_ended = False  # the peer's goodbye (or the end of its bytes) was read
-        self._interrupted = False  # `interrupt_receive` was called and no receive has seen it yet
 
     def __repr__(self) -> str:
         return f"<Session {self.protocol_id} with {self.peer_id}>"
@@ -135,8 +125,9 @@ class Session:
     # -- public API ----------------------------------------------------------------------------
     @property
     def transport(self) -> str:
-        """"lane" when the session runs on a direct lane (see `p2p._lane`), else "libp2p"."""
-        return "lane" if self._direct else "libp2p"
+        """"lane" when the session runs on a direct lane (see `p2p._lane`), else "libp2p". For
+        logs and tests: a session behaves the same on each."""
+        return self._transport.kind
 
     @property
     def failed(self) -> BaseException | None:
@@ -148,102 +139,50 @@ class Session:
         `PeerFrozenError`/`PeerTimeoutError`, or the error that already ended the session."""
         self._raise_if_unusable()
         buffers = self._proto.send(msg)
-        if self._direct and not self._write_lock.locked() and not self._stream.pending:
-            # a lane takes a small frame in one syscall: no lock, no shield, no task switch
-            # (nothing else can write meanwhile: there is no await until it is out)
-            size = 0
-            for b in buffers:
-                size += len(b)
-            if size <= COALESCE_LIMIT:
-                data = b"".join(buffers) if len(buffers) > 1 else buffers[0]
-                try:
-                    if self._stream.write_nowait(data):
-                        self._last_tx = self._now()
-                        return
-                except _STREAM_ERRORS as exc:
-                    raise self._broke("to", exc) from exc
-                self._tx_whole = False  # the rest of the frame waits in the lane: flush it
+        if not self._write_lock.locked():
+            # a transport that can (a lane: one syscall) takes a small frame at once: no lock,
+            # no shield, no task switch (nothing else can write meanwhile: no await until it is out)
+            try:
+                sent = self._send_nowait(buffers)
+            except STREAM_ERRORS as exc:
+                raise self._broke("to", exc) from exc
+            if sent:
+                self._last_tx = self._now()
+                return
+            if sent is False:  # the rest of the frame waits in the transport: flush it
+                self._tx_whole = False
                 buffers = []
         await self._write(buffers)
 
     async def receive(self) -> Message:
         """The next message. Raises `EndOfSession` after the peer's goodbye, `RemoteError` for an
         error frame, `PeerBrokenError`/`PeerFrozenError`/`RemoteProtocolError` on failure."""
-        if self._unreceived is not None:
-            msg, self._unreceived = self._unreceived, None
-        elif self._direct:
-            msg = self._pending.popleft() if self._pending else await self._read_message()
-        else:
-            try:
-                msg = await self._queue_receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                if self._error is not None:
-                    raise self._error
-                if self._closed:
-                    raise LocalProtocolError("session is closed") from None
-                raise EndOfSession(f"{self.peer_id} ended the session") from None
+        pending = self._pending
+        msg = pending.popleft() if pending else await self._next_message(self)
         if type(msg) is ErrorMessage:
             raise RemoteError(msg.code, msg.message, peer_id=self.peer_id)
         return msg
 
-    def interrupt_receive(self) -> bool:
+    def interrupt_receive(self) -> None:
         """Make the `receive` waiting now (or else the next one that would wait) raise
         `ReceiveInterrupted` at once. The session goes on as it was: messages that arrive are
         returned by later receives. For a task that reads one session but must turn to something
         else as soon as another task asks (a timer, news from another session); it costs that
         task nothing while no one asks, unlike a cancel scope around every receive.
 
-        Direct lanes only: False (and nothing happens) on a libp2p stream, whose messages come
-        through the reader task's queue. While a write of ours waits on a full socket, the
-        waiting receive is woken by the peer's next bytes instead (a heartbeat comes within
-        `HEARTBEAT_INTERVAL`): waking the socket's waiters would break that write."""
-        if not self._direct:
-            return False
-        self._interrupted = True
-        if self._reader_waiting and not self._write_lock.locked() and not self._stream.pending:
-            self._stream.interrupt_read()
-        return True
+        On a lane, while a write of ours waits on a full socket, the waiting receive is woken
+        by the peer's next bytes instead (a heartbeat comes within `HEARTBEAT_INTERVAL`):
+        waking the socket's waiters would break that write."""
+        self._transport.interrupt_receive(self)
 
     def clear_interrupt(self) -> None:
         """Forget an `interrupt_receive` that no receive has seen yet."""
-        self._interrupted = False
-
-    async def _read_message(self) -> Message:
-        """Direct mode: read the stream until a message is complete (one receiver at a time)."""
-        while self._receiving:  # another task is reading: wait for it to finish
-            if self._receive_done is None:
-                self._receive_done = trio.Event()
-            await self._receive_done.wait()
-            if self._pending:
-                return self._pending.popleft()
-        self._receiving = True
-        try:
-            pending = self._pending
-            while not pending:
-                if self._error is not None:
-                    raise self._error
-                if self._closed:
-                    raise LocalProtocolError("session is closed")
-                if self._rx_ended:
-                    raise EndOfSession(f"{self.peer_id} ended the session")
-                if self._interrupted:
-                    self._interrupted = False
-                    raise ReceiveInterrupted(f"a receive on {self!r} was interrupted")
-                data = await self._read_chunk()
-                if data is not None:
-                    self._take_in_pending(data)
-            return pending.popleft()
-        finally:
-            self._receiving = False
-            if self._receive_done is not None:
-                self._receive_done.set()
-                self._receive_done = None
+        self._transport.clear_interrupt()
 
     def _unreceive(self, msg: Message) -> None:
         """Put one message back: the next `receive` returns it (the host peeks at a first
         message to see whether the client asks for a lane)."""
-        assert self._unreceived is None
-        self._unreceived = msg
+        self._pending.appendleft(msg)
 
     def __aiter__(self) -> "Session":
         return self
@@ -262,11 +201,11 @@ class Session:
 
     # -- internals: lifecycle ------------------------------------------------------------------
     async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the reader, heartbeat sender and watchdog until the session ends."""
+        """Run the transport's reader (if it has one), the heartbeat sender and the watchdog
+        until the session ends."""
         with self._background:
             async with trio.open_nursery() as nursery:
-                if not self._direct:
-                    nursery.start_soon(self._reader)
+                self._transport.start(self, nursery)
                 nursery.start_soon(self._heartbeats)
                 nursery.start_soon(self._watchdog)
                 task_status.started()
@@ -277,13 +216,11 @@ class Session:
         if self._error is None:
             self._error = exc
             logger.debug("session %r failed: %r", self, exc)
-        self._queue_send.close()  # receivers drain what is queued, then see the error
+        self._transport.fail(self)  # receivers get what came before, then the error
         for scope in list(self._cancel_on_fail):
             scope.cancel()
         if abort_write and self._in_flight is not None:
             self._in_flight.cancel()
-        if self._direct and self._reader_waiting:
-            self._stream.interrupt_read()  # `_read_chunk` wakes and the receiver sees the error
         self._background.cancel()
 
     def _broke(self, direction: str, exc: BaseException) -> BaseException:
@@ -310,15 +247,9 @@ class Session:
                     await self._write(self._proto.goodbye())
             except (P2PError, trio.TooSlowError):
                 pass
-        if self._error is None and self._proto.their_state is State.OPEN and not self._direct:
-            # (a lane drains to the peer's end of stream itself when it closes)
-            # From now on the reader drops messages; draining releases it if it is blocked on
-            # a full queue. Then give the peer a moment to say goodbye too.
-            self._drain_queue()
-            with trio.move_on_after(GOODBYE_LINGER):
-                await self._reader_done.wait()
-        self._closed = True
-        self._queue_send.close()
+        linger = self._error is None and self._proto.their_state is State.OPEN
+        await self._transport.close_receive(self, linger)
+        self._closed = True  # (no checkpoint since the receivers were woken: they see it)
         self._background.cancel()
         await self._release_stream()
 
@@ -363,22 +294,11 @@ class Session:
         (the yamux byte stream is corrupt for every stream on it) or the socket is wedged;
         yamux's own close would first try to write a GO_AWAY frame and block."""
         logger.debug("closing the connection to %s (%s)", self.peer_id, self._error)
-        secured = getattr(getattr(self._stream, "muxed_conn", None), "secured_conn", None)
         with trio.CancelScope(shield=True), trio.move_on_after(RESET_DEADLINE):
             try:
-                if secured is not None:
-                    await secured.close()
-                else:
-                    await self._stream.reset()
+                await self._transport.kill()
             except Exception:
                 pass
-
-    def _drain_queue(self) -> None:
-        while True:
-            try:
-                self._queue_receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
 
     # -- internals: I/O ------------------------------------------------------------------------
     async def _write(self, buffers: list[bytes | memoryview]) -> None:
@@ -403,10 +323,10 @@ class Session:
         self._tx_whole = False
         try:
             self._write_progress_at = self._now()
-            if self._direct and self._stream.pending:  # the rest of a frame `send` began
+            if self._transport.unsent():  # the rest of a frame `send` began
                 with trio.CancelScope(shield=True) as flight:
                     self._in_flight = flight
-                    await self._stream.flush()
+                    await self._transport.flush()
                 self._in_flight = None
                 if flight.cancelled_caught:
                     self._connection_corrupt = True
@@ -427,7 +347,7 @@ class Session:
                     raise self._error or PeerTimeoutError("write aborted", peer_id=self.peer_id)
                 self._write_progress_at = self._last_tx = self._now()
             completed = self._tx_whole = True
-        except _STREAM_ERRORS as exc:
+        except STREAM_ERRORS as exc:
             raise self._broke("to", exc) from exc
         finally:
             self._in_flight = None
@@ -447,11 +367,9 @@ class Session:
             data = await self._stream.read(READ_SIZE)
         except EOFError:  # libp2p's StreamEOF: clean FIN or connection gone alike
             data = b""
-        except _STREAM_ERRORS as exc:
-            if self._interrupted and self._error is None and not self._closed \
-                    and type(exc) is trio.ClosedResourceError:
-                return None  # woken by `interrupt_receive`, not by a failure
-            self._broke("from", exc)
+        except STREAM_ERRORS as exc:
+            if not self._transport.woken(self, exc):  # (woken: by `interrupt_receive`)
+                self._broke("from", exc)
             return None
         finally:
             self._reader_waiting = False
@@ -491,54 +409,10 @@ class Session:
             self._report_protocol_error(self._proto.error)
 
     def _take_in_pending(self, data: bytes) -> None:
-        """Direct mode: `data`'s messages join the pending ones, then any error after them."""
+        """`data`'s messages join the pending ones, then any error after them (a transport
+        that reads in the receiving task)."""
         self._pending.extend(self._take_in(data))
         self._after_take_in()
-
-    async def _reader(self) -> None:
-        try:
-            while not self._rx_ended:
-                data = await self._read_chunk()
-                if data is None:
-                    return
-                for msg in self._take_in(data):
-                    if self._closing:
-                        continue
-                    try:
-                        self._queue_send.send_nowait(msg)  # no yield: we block in read next
-                    except trio.WouldBlock:
-                        try:
-                            await self._queue_send.send(msg)  # backpressure: the app is behind
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            return
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                self._after_take_in()
-            self._queue_send.close()  # the peer is done: receivers drain the queue, then see why
-        finally:
-            self._reader_waiting = False
-            self._reader_done.set()
-
-    def _poll(self) -> bool:
-        """Direct mode, while no task receives: take in what the peer sent meanwhile, so its
-        heartbeats keep it alive and its end or failure shows at once. True when the session
-        counts as waiting for the peer (not when the app has a full queue of unread messages,
-        like a reader blocked on backpressure)."""
-        if self._receiving or self._rx_ended or self._error is not None:
-            return False
-        while len(self._pending) < SESSION_RECEIVE_QUEUE:
-            try:
-                data = self._stream.read_nowait()
-            except _STREAM_ERRORS as exc:
-                self._broke("from", exc)
-                return False
-            if data is None:
-                return True
-            self._alive_at = self._now()
-            self._take_in_pending(data)
-            if self._rx_ended:
-                return False
-        return False
 
     def _report_protocol_error(self, exc: P2PError) -> None:
         """Fail, and have the peer told what was wrong with its bytes when the stream is
@@ -577,7 +451,7 @@ class Session:
                 if self._write_progress_at is not None:
                     self._write_progress_at = max(self._write_progress_at, now)
                 continue
-            waiting = self._reader_waiting or (self._direct and self._poll())
+            waiting = self._reader_waiting or self._transport.poll(self)
             if waiting and now - self._alive_at > HEARTBEAT_TIMEOUT:
                 silent = now - self._alive_at
                 self._fail(PeerFrozenError(f"{self.peer_id} sent nothing for {silent:.1f}s (no heartbeats)", peer_id=self.peer_id), abort_write=True)
@@ -589,12 +463,12 @@ class Session:
 
 
 @asynccontextmanager
-async def run_session(stream: Any, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE) -> AsyncIterator[Session]:
-    """Run a `Session` over `stream` for the duration of the block.
+async def run_session(transport: Transport, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE) -> AsyncIterator[Session]:
+    """Run a `Session` over `transport` for the duration of the block.
 
     A normal exit says goodbye and closes the stream cleanly; an exception resets it.
     """
-    session = Session(stream, peer_id, protocol_id, max_frame_size=max_frame_size)
+    session = Session(transport, peer_id, protocol_id, max_frame_size=max_frame_size)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(session._serve)

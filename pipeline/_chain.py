@@ -192,12 +192,11 @@ class Chain:
         """The usual case, without a task switch per step: read the last link's stream in this
         task until the step's result arrives. None as soon as anything needs attention (a
         broken link, a refused step or push, the deadline: `_wake` interrupts the read): the
-        link's own task then reads it again and `_await_final` takes over. Lanes only (a
-        libp2p stream cannot be interrupted: its link's task reads it)."""
+        link's own task then reads it again and `_await_final` takes over."""
         final = self.links[-1]
         session = final.session
         plan = self.plan
-        if not plan.quiet() or session.transport != "lane":
+        if not plan.quiet():
             self._give_back(final)
             return None
         if final.lent is None:  # stop the link's task reading (it waits until given back)

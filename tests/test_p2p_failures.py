@@ -19,7 +19,9 @@ import pytest
 import trio
 
 import p2p
+from _wait import eventually
 
+pytestmark = pytest.mark.slow  # every test starts a peer process
 BIG = 96 * 1024 * 1024  # ~0.5-1 s on loopback: long enough to be cut in the middle
 
 
@@ -117,12 +119,6 @@ def transport(request) -> str:  # type: ignore[no-untyped-def]
     return request.param
 
 
-async def _until(predicate, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(seconds):
-        while not predicate():
-            await trio.sleep(0.001)
-
-
 # --- SIGKILL -----------------------------------------------------------------------------------------
 async def test_sigkill_mid_transfer_is_peer_broken_never_a_truncated_message(host: p2p.Host, transport: str) -> None:
     async with peer_process() as (peer, addr):
@@ -142,11 +138,11 @@ async def test_sigkill_mid_transfer_is_peer_broken_never_a_truncated_message(hos
                 nursery.start_soon(receive)
                 await session.send(Ask(BIG))
                 assert await peer.readline() == "sending"
-                await _until(lambda: session._proto.in_frame)  # bytes of the frame are arriving
+                # bytes of the frame are arriving (polled often: the frame takes ~0.5-1 s)
+                await eventually(lambda: session._proto.in_frame, timeout=10, interval=0.001)
                 peer.signal(signal.SIGKILL)
                 killed_at = trio.current_time()
-                with trio.fail_after(5):
-                    await _until(lambda: bool(outcome))
+                await eventually(lambda: bool(outcome), timeout=5, interval=0.001)
             assert trio.current_time() - killed_at < 2
             error = outcome[0]
             assert isinstance(error, p2p.PeerBrokenError), f"a cut-off message was delivered: {error!r}"
@@ -166,7 +162,8 @@ async def test_sigkill_while_we_send_raises_peer_broken(host: p2p.Host, transpor
                 with trio.fail_after(10):
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(session.send, _blob(BIG))
-                        await _until(lambda: session._write_progress_at is not None)
+                        await eventually(lambda: session._write_progress_at is not None, timeout=10,
+                                         interval=0.001)
                         peer.signal(signal.SIGKILL)
             assert info.group_contains(p2p.PeerBrokenError)
 

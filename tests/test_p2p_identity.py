@@ -23,6 +23,7 @@ def test_identity_file_is_created_0600_and_reused(tmp_path: Path) -> None:
     assert not list(path.parent.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # two Python processes, each importing py-libp2p
 def test_same_peer_id_after_a_process_restart(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     code = "import sys, p2p; print(p2p.Identity.load_or_create(sys.argv[1]).peer_id_str)"

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 import p2p
+from _wait import eventually
 from p2p import _lane
 
 PROTO = "/test/lane-echo/1"
@@ -71,9 +72,13 @@ async def test_session_moves_to_a_lane(make_host) -> None:
     assert not server.lanes._tickets  # the ticket was used once and is gone
 
 
-async def test_a_receive_on_a_lane_can_be_interrupted_and_the_session_goes_on(make_host) -> None:
+# -- interrupt_receive: the same on both transports (a lane wakes its socket read, a libp2p
+# stream its receiver waiting on the reader task's queue) --------------------------------------
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "libp2p"])
+async def test_a_receive_can_be_interrupted_and_the_session_goes_on(make_host, lane: bool) -> None:
     client, server, _ = await _pair(make_host)
-    async with client.open_session(server.peer_id, PROTO, lane=True) as session:
+    async with client.open_session(server.peer_id, PROTO, lane=lane) as session:
+        assert session.transport == ("lane" if lane else "libp2p")
         outcome: list[object] = []
 
         async def receive() -> None:
@@ -84,19 +89,100 @@ async def test_a_receive_on_a_lane_can_be_interrupted_and_the_session_goes_on(ma
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
-            await trio.testing.wait_all_tasks_blocked()  # the receive waits on the socket
-            assert session.interrupt_receive()
+            await trio.testing.wait_all_tasks_blocked()  # the receive waits (socket or queue)
+            session.interrupt_receive()
         assert outcome == ["interrupted"]
-        await _round_trips(session)  # the lane and its records are intact
+        await _round_trips(session)  # the stream and its frames are intact
         session.interrupt_receive()  # with no receive under way: the next one raises at once
         with pytest.raises(p2p.ReceiveInterrupted):
             await session.receive()
         session.interrupt_receive()
         session.clear_interrupt()
         await _round_trips(session, 1)
+        assert session.failed is None
+
+
+class Burst:
+    """Answers a `Data(n)` with n messages at once, then echoes."""
+
+    async def __call__(self, peer: object, session: p2p.Session) -> None:
+        async for msg in session:
+            for i in range(msg.n):
+                await session.send(Data(100 + i))
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "libp2p"])
+async def test_an_interrupt_leaves_arrived_messages_for_later_receives(make_host, lane: bool) -> None:
+    client, server, _ = await _pair(make_host, Burst())
+    async with client.open_session(server.peer_id, PROTO, lane=lane) as session:
+        await session.send(Data(3))
+        # all three are in (a lane: its watchdog took them in; libp2p: its reader queued them)
+        await eventually(lambda: len(session._pending) == 3 if lane
+                         else session._transport._queue_receive.statistics().current_buffer_used == 3, timeout=10)
+        session.interrupt_receive()
+        with trio.fail_after(10):
+            # a receive that need not wait returns what arrived, in order; then the next raises
+            assert [await session.receive() for _ in range(3)] == [Data(100), Data(101), Data(102)]
+            with pytest.raises(p2p.ReceiveInterrupted):
+                await session.receive()
+            await session.send(Data(1))
+            assert await session.receive() == Data(100)
+        assert session.failed is None
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "libp2p"])
+async def test_an_interrupt_cleared_before_the_receive_wakes_is_forgotten(make_host, lane: bool) -> None:
+    client, server, _ = await _pair(make_host)
+    async with client.open_session(server.peer_id, PROTO, lane=lane) as session:
+        got: list[p2p.Message] = []
+
+        async def receive() -> None:
+            got.append(await session.receive())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            session.interrupt_receive()  # wakes the receive...
+            session.clear_interrupt()  # ...which finds nothing to report and waits on
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got
+            await session.send(Data(5))
+        assert got == [Data(5)] and session.failed is None
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "libp2p"])
+async def test_an_interrupted_receive_after_the_peer_left_says_so(make_host, lane: bool) -> None:
+    async def goodbye_at_once(peer: object, session: p2p.Session) -> None:
+        return
+
+    client, server, _ = await _pair(make_host, goodbye_at_once)
+    async with client.open_session(server.peer_id, PROTO, lane=lane) as session:
+        await eventually(lambda: session._rx_ended, timeout=10)
+        session.interrupt_receive()
+        with pytest.raises(p2p.EndOfSession):  # the end of the session, not the interrupt
+            await session.receive()
+
+
+async def test_concurrent_receivers_on_libp2p_see_one_interrupt(make_host) -> None:
+    client, server, _ = await _pair(make_host)
     async with client.open_session(server.peer_id, PROTO) as session:
-        assert session.transport == "libp2p" and not session.interrupt_receive()
-        await _round_trips(session, 1)
+        outcomes: list[object] = []
+
+        async def receive() -> None:
+            try:
+                outcomes.append(await session.receive())
+            except p2p.ReceiveInterrupted:
+                outcomes.append("interrupted")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            session.interrupt_receive()
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes == ["interrupted"]  # the other one waits on
+            await session.send(Data(9))
+        assert outcomes == ["interrupted", Data(9)]
 
 
 async def test_a_client_that_does_not_ask_stays_on_libp2p(make_host) -> None:
@@ -251,9 +337,8 @@ async def test_a_lane_takes_in_messages_and_the_goodbye_while_nobody_receives(ma
     async with client.open_session(server.peer_id, PROTO, lane=True) as session:
         assert session.transport == "lane"
         await session.send(Data(0))
-        with trio.fail_after(10):  # the watchdog's poll takes them in: no receive call
-            while not session._rx_ended:
-                await trio.sleep(0.01)
+        # the watchdog's poll takes them in: no receive call
+        await eventually(lambda: session._rx_ended, timeout=10)
         assert session.failed is None
         assert [await session.receive(), await session.receive()] == [Data(1), Data(2)]
         with pytest.raises(p2p.EndOfSession):
@@ -270,9 +355,7 @@ async def test_a_lane_notices_a_reset_while_nobody_receives(make_host) -> None:
     async with client.open_session(server.peer_id, PROTO, lane=True) as session:
         assert session.transport == "lane"
         await session.send(Data(0))
-        with trio.fail_after(10):
-            while session.failed is None:
-                await trio.sleep(0.01)
+        await eventually(lambda: session.failed is not None, timeout=10)
         assert isinstance(session.failed, p2p.PeerBrokenError)
         # seen by the watchdog reading (each 0.2 s), before a heartbeat (after 0.5 s quiet)
         # would have hit the reset while writing
@@ -290,9 +373,7 @@ async def test_a_flood_of_idle_connections_is_capped_and_sessions_go_on(make_hos
     try:
         for _ in range(_lane.LANE_MAX_HANDSHAKES):  # connect and say nothing
             idle.append(await trio.open_tcp_stream("127.0.0.1", port))
-        with trio.fail_after(10):
-            while server.lanes.handshakes < _lane.LANE_MAX_HANDSHAKES:
-                await trio.sleep(0.01)
+        await eventually(lambda: server.lanes.handshakes >= _lane.LANE_MAX_HANDSHAKES, timeout=10)
         # one more: closed at once, unread
         extra = await trio.open_tcp_stream("127.0.0.1", port)
         with trio.fail_after(2):  # well before the hello deadline (5 s) would close it
@@ -306,9 +387,7 @@ async def test_a_flood_of_idle_connections_is_capped_and_sessions_go_on(make_hos
     finally:
         for sock in idle:
             await sock.aclose()
-    with trio.fail_after(10):  # the flood gone, lanes work again
-        while server.lanes.handshakes:
-            await trio.sleep(0.01)
+    await eventually(lambda: server.lanes.handshakes == 0, timeout=10)  # the flood gone, lanes work again
     async with client.open_session(server.peer_id, PROTO, lane=True) as session:
         assert session.transport == "lane"
         await _round_trips(session, 2)

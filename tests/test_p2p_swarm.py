@@ -8,6 +8,7 @@ import pytest
 import trio
 
 import p2p
+from _wait import eventually
 
 TOPIC = "lamina/test-swarm"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -45,11 +46,8 @@ async def test_hosts_find_each_other_through_one_bootstrap_peer(swarm: list[p2p.
                 assert _port(b.addrs()[0]) in {_port(x) for x in found}, (a.peer_id, b.peer_id, found)
     # routing tables converge to the whole swarm (seeded from connections, which py-libp2p
     # itself never does)
-    with trio.fail_after(10):
-        for host in swarm:
-            assert host.dht is not None
-            while set(host.dht.routing_table_peers()) != {h.peer_id for h in swarm if h is not host}:
-                await trio.sleep(0.05)
+    await eventually(lambda: all(set(host.dht.routing_table_peers()) == {h.peer_id for h in swarm if h is not host}
+                                 for host in swarm), timeout=10, interval=0.05)
 
 
 async def test_model_providers_are_found_through_the_dht(swarm: list[p2p.Host]) -> None:
@@ -175,10 +173,9 @@ async def test_connections_seed_the_routing_table_and_clients_stay_out(nursery) 
     await b.connect(a.addrs()[0])
     await client.connect(a.addrs()[0])
     # b seeds its own table once it has identified a, which may come after a's hooks have run
-    with trio.fail_after(5):  # no DHT query ran: only the connection hooks can have done this
-        while hooks_done != {b.peer_id, client.peer_id} or client.dht.routing_table_peers() != [a.peer_id] \
-                or b.dht.routing_table_peers() != [a.peer_id]:
-            await trio.sleep(0.02)
+    # no DHT query ran: only the connection hooks can have done this
+    await eventually(lambda: hooks_done == {b.peer_id, client.peer_id} and client.dht.routing_table_peers() == [a.peer_id]
+                     and b.dht.routing_table_peers() == [a.peer_id], timeout=5, interval=0.02)
     assert a.dht.routing_table_peers() == [b.peer_id]  # the client-mode peer stays out
 
 
