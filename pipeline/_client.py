@@ -330,9 +330,11 @@ class DistributedModelForCausalLM:
 
     def generate(self, input_ids: torch.Tensor | None, *, streamer: Streamer | None = None,
                  session: RemoteSession | None = None, **generation: Any) -> torch.Tensor:
-        """HF-style generate. The generation loop (embeddings, LM head, sampling, the
-        streamer) runs in the caller's thread; only the steps through the swarm run on the
-        client's event loop, which keeps the sessions alive however long the streamer takes."""
+        """HF-style generate. With a streamer, the generation loop (embeddings, LM head,
+        sampling, the streamer) runs in the caller's thread and only the steps through the
+        swarm run on the client's event loop, which keeps the sessions alive however long the
+        streamer takes (a thread hop per step: 0.2-0.3 ms on this VM). Without one, nothing of
+        the caller's runs during the call, and the whole loop runs on the event loop."""
         session = session or self._active
         model = self._model
         ids, cfg = model._generation_request(input_ids, session, generation)
@@ -344,6 +346,8 @@ class DistributedModelForCausalLM:
     def _generate_in(self, session: RemoteSession, ids: torch.Tensor, cfg: GenerationConfig,
                      streamer: Streamer | None) -> torch.Tensor:
         model = self._model
+        if streamer is None:  # no user code to run: the whole loop on the event loop (no hop per step)
+            return self._runner.run(model._generate_in, session, ids, cfg, None)
         run, start = model._session_input(session, ids, cfg)
 
         def step(hidden: torch.Tensor, position: int) -> torch.Tensor:
