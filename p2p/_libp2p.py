@@ -21,6 +21,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.network.config import RetryConfig
 from libp2p.abc import INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -45,7 +46,7 @@ AddrsFactory = Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]]
 def new_libp2p_host(key_pair: KeyPair, listen_addrs: list[str], addrs_factory: AddrsFactory) -> Any:
     """A py-libp2p host (not started) with lamina's stack; `addrs_factory` says which addresses
     it announces."""
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         listen_addrs=[multiaddr.Multiaddr(a) for a in listen_addrs],
         # Noise only: new_host's default also offers TLS, secio and plaintext.
@@ -64,6 +65,13 @@ def new_libp2p_host(key_pair: KeyPair, listen_addrs: list[str], addrs_factory: A
         enable_mDNS=False,
         enable_upnp=False,
     )
+    # One attempt per dial: py-libp2p retries a failed dial 3 times with backoff (0.1, 0.2,
+    # 0.4 s plus jitter), so a peer that refuses (its process died) took 0.9 s to fail, and the
+    # client's check of whether a broken link's node is alive stalled every SIGKILL failover by
+    # that much. Refused means nobody listens; a lost SYN is TCP's own to retransmit; and the
+    # callers here decide themselves what to try again, under their own deadlines.
+    host.get_network().retry_config = RetryConfig(max_retries=0)
+    return host
 
 
 class Notifee(INotifee):
