@@ -265,14 +265,12 @@ class _TrioThread:
 
     def start_task(self, afn) -> None:
         """`nursery.start(afn)` on the loop thread: returns once `afn` called
-        `task_status.started()`; an error before that is raised as itself, not as a group."""
+        `task_status.started()`; an error before that is raised as itself, not as a group
+        (`run` unwraps it)."""
 
         async def start() -> None:
             assert self.nursery is not None
-            try:
-                await self.nursery.start(afn)
-            except BaseExceptionGroup as eg:  # noqa: F821 - py3.11 builtin
-                raise _first_error(eg) from None
+            await self.nursery.start(afn)
 
         self.run(start)
 
@@ -406,7 +404,8 @@ def _clear_errors() -> Iterator[None]:
         leaves = _leaves(group)
         chosen = next((e for e in leaves if isinstance(e, LaminaError)), None) \
             or next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
-        raise _as_client_error(chosen) from chosen.__cause__
+        err = _as_client_error(chosen)
+        raise err from err.__cause__  # its own cause (a wrapped P2PError's is that error), not the group
     except p2p.P2PError as e:
         raise _as_client_error(e) from e
 
@@ -423,9 +422,3 @@ def _as_client_error(exc: BaseException) -> BaseException:
         err.__cause__ = exc
         return err
     return exc
-
-
-def _first_error(eg: BaseException) -> BaseException:
-    while isinstance(eg, BaseExceptionGroup):  # noqa: F821
-        eg = eg.exceptions[0]
-    return eg

@@ -8,7 +8,7 @@ decision is taken here, from events the driver reports, in the manner of h11's s
     plan.on_refused(link, step_id, code, message)    # a StepFailed
     plan.on_push_failed(session_id, step_id, target) # a node could not push to the next one
     plan.on_broken(link, error)                      # a link's stream broke, or a send failed
-    plan.deadline_passed(position)                   # the step's deadline passed
+    plan.deadline_passed(position, message)          # the step's deadline passed
     action = plan.next_action(position)              # what to do now (None: wait for an event)
     plan.replaced(old, new)                          # the driver replaced a failed link
 
@@ -238,8 +238,9 @@ class Plan:
         broken); a `Relay` when the driver has set `up.relay` (or reports `up` broken)."""
         step = self._step
         sid = step.step_id
-        if sid in self._final:
-            return Finished(self._final.pop(sid))
+        final = self.take_final()
+        if final is not None:
+            return Finished(final)
         if sid in self._refused:
             return self._refused.pop(sid)
         resend = step.resend_to
