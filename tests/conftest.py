@@ -126,3 +126,12 @@ def make_host(nursery):  # type: ignore[no-untyped-def]
         return await nursery.start(p2p.serve_host, config)
 
     return make
+
+
+@pytest.fixture
+def nat_lab(request):
+    """A started `netlab.NatLab` (an internet, public hosts, homes behind NATs, all in network
+    namespaces), closed when the test ends; skips where the lab cannot run (not root, no ip/nft)."""
+    import netlab
+
+    return netlab.open_nat_lab(request)
