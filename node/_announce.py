@@ -44,7 +44,8 @@ def signer_for(identity: p2p.Identity) -> crdt.Signer:
 
 def record_fields(*, model: crdt.ModelId, span: Callable[[], tuple[int, int]], throughput: Callable[[], float],
                   load: Callable[[], crdt.Load], rtts: Callable[[], Mapping[bytes, float]], version: str,
-                  public_name: str) -> Callable[[], dict[str, Any]]:
+                  public_name: str, reachability: Callable[[], crdt.Reachability] = lambda: crdt.Reachability.DIRECT,
+                  ) -> Callable[[], dict[str, Any]]:
     """The `Announcer`'s fields function over the node's live values."""
 
     def fields() -> dict[str, Any]:
@@ -54,6 +55,7 @@ def record_fields(*, model: crdt.ModelId, span: Callable[[], tuple[int, int]], t
             model=model, start=start, end=end, throughput=tps,
             inference_rps=tps * (end - start),  # block-steps per second: 1 / (time per block)
             load=load(), next_rtts=dict(rtts()), version=version, public_name=public_name,
+            reachability=reachability(),
         )
 
     return fields
@@ -66,11 +68,7 @@ def learn_addrs(host: p2p.Host, peer: str, addrs: list[str]) -> None:
     try:
         if host.is_connected(peer):
             return
-        import multiaddr
-        from libp2p.peer.id import ID
-
-        mas = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs]
-        host.libp2p.get_peerstore().add_addrs(ID.from_base58(peer), mas, 3600)
+        host.add_addrs(peer, list(addrs))   # direct ones, and circuit addresses through relays
     except Exception as exc:  # a bad address in someone's record: the dial will report it
         logger.debug("cannot learn the addresses of %s: %r", peer, exc)
 
@@ -151,6 +149,10 @@ class Announcer:
                         await trio.sleep(self.heartbeat)
                         await self._announce(push=False)
             nursery.cancel_scope.cancel()  # left: stop guarding our entry too
+
+    async def refresh(self) -> None:
+        """Announce at once, pushed (our addresses or reachability changed)."""
+        await self._announce(push=True)
 
     async def set_state(self, state: crdt.ServerState) -> None:
         """Switch state (e.g. DRAINING: no new sessions) and announce it at once, pushed by

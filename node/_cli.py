@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
 from ._config import (DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_JOIN_WAIT, DEFAULT_LISTEN,
                       DEFAULT_MAX_SESSIONS, DEFAULT_REBALANCE_INTERVAL, DEFAULT_SESSION_IDLE_TIMEOUT,
-                      DEVICES, DTYPES, NodeConfig, default_cache_dir)
+                      DEVICES, DTYPES, SWARM_KEY_ENV, NodeConfig, default_cache_dir)
 
 PROG = "run-node"
 
@@ -101,6 +102,25 @@ def parser() -> argparse.ArgumentParser:
     swarm.add_argument("--new-swarm", action="store_true", help="start a new swarm alone")
     swarm.add_argument("--initial-peers", nargs="+", action="extend", type=_multiaddr(peer=True), metavar="MULTIADDR",
                        help="full multiaddrs (/ip4/../tcp/../p2p/ID) of peers of the swarm to join")
+    p.add_argument("--swarm-key", metavar="FILE",
+                   help="join a private swarm: its pre-shared key file (swarm.key format, made by "
+                        "lamina-swarm-key); only peers with the same key can connect "
+                        "(default: $LAMINA_SWARM_KEY, else an open swarm)")
+    relay = p.add_argument_group("NAT traversal")
+    relay.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True,
+                       help="offer circuit relay v2 to peers behind NATs when this node is reachable "
+                            "(default: on)")
+    relay.add_argument("--relay-slots", type=_positive_int, default=128, metavar="N",
+                       help="relay reservations held for peers behind NATs (default: 128)")
+    relay.add_argument("--relay-circuits", type=_positive_int, default=512, metavar="N",
+                       help="relayed connections at once (default: 512)")
+    relay.add_argument("--relay-duration", type=_seconds, default=3600.0, metavar="SECONDS",
+                       help="longest life of one relayed connection; 0: no cap (default: 3600)")
+    relay.add_argument("--relay-bytes", type=int, default=1 << 30, metavar="BYTES",
+                       help="bytes one relayed connection may carry each way; 0: no cap (default: 1 GiB)")
+    relay.add_argument("--reachability", choices=("auto", "direct", "relayed"), default="auto",
+                       help="auto: ask peers to dial back and reserve relay slots if they cannot; "
+                            "direct/relayed: skip the checks (default: auto)")
     p.add_argument("--identity", metavar="FILE",
                    help="private key file, created if missing, so the peer id survives restarts "
                         "(default: a new identity every run)")
@@ -138,6 +158,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _swarm_key(path: str | None):  # -> p2p.SwarmKey | None
+    """The key of --swarm-key FILE, else of $LAMINA_SWARM_KEY, else None. Raises `SwarmKeyError`
+    (a ValueError) saying what is wrong with the file."""
+    source = "--swarm-key"
+    if not path:
+        path, source = os.environ.get(SWARM_KEY_ENV) or None, f"${SWARM_KEY_ENV}"
+    if path is None:
+        return None
+    from p2p import SwarmKey, SwarmKeyError
+
+    try:
+        return SwarmKey.load(path)
+    except SwarmKeyError as exc:
+        raise SwarmKeyError(f"{source}: {exc}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     from pathlib import Path
 
@@ -145,8 +181,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         model=args.model, blocks=args.blocks, num_blocks=args.num_blocks,
         listen=args.listen or [DEFAULT_LISTEN], announce_addrs=args.announce_addr,
         lanes=not args.no_lanes, lane_port=args.lane_port,
+        relay=args.relay, relay_slots=args.relay_slots, relay_circuits=args.relay_circuits,
+        relay_duration=args.relay_duration, relay_bytes=args.relay_bytes, reachability=args.reachability,
         new_swarm=args.new_swarm, initial_peers=args.initial_peers or [],
-        identity=Path(args.identity) if args.identity else None, device=args.device, dtype=args.dtype,
+        identity=Path(args.identity) if args.identity else None, swarm_key=_swarm_key(args.swarm_key),
+        device=args.device, dtype=args.dtype,
         public_name=args.public_name, max_sessions=args.max_sessions, cache_tokens=args.cache_tokens,
         num_threads=args.num_threads, heartbeat=args.heartbeat, lease=args.lease,
         session_idle_timeout=args.session_idle_timeout, drain_timeout=args.drain_timeout,

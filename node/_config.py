@@ -6,6 +6,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # p2p imports py-libp2p: not for `run-node --help`
+    from p2p import SwarmKey
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 DEFAULT_MAX_SESSIONS = 128
@@ -18,6 +22,7 @@ MAX_LEASE = 600.0  # seconds: crdt.DEFAULT_MAX_LEASE_MS (records with longer lea
 DEFAULT_LEASE_HEARTBEATS = 4  # node._announce.Announcer.LEASE_HEARTBEATS
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SWARM_KEY_ENV = "LAMINA_SWARM_KEY"  # path of the swarm key file when --swarm-key is not given
 
 
 def default_cache_dir() -> Path:
@@ -40,6 +45,14 @@ class NodeConfig:
     new_swarm: bool = False
     initial_peers: list[str] = field(default_factory=list)
     identity: Path | None = None  # key file (created if missing); None: a fresh identity per run
+    swarm_key: "SwarmKey | None" = None  # a private swarm's key (p2p.SwarmKey); None: an open swarm
+    # NAT traversal (p2p._nat): offer circuit relay v2 to others, with these limits
+    relay: bool = True
+    relay_slots: int = 128           # reservations held for peers behind NATs
+    relay_circuits: int = 512        # circuits relayed at once
+    relay_duration: float = 3600.0   # seconds a relayed circuit may last (0: no cap)
+    relay_bytes: int = 1 << 30       # bytes per relayed circuit and direction (0: no cap)
+    reachability: str = "auto"       # "auto" (dial-back checks), or forced "direct" / "relayed"
     device: str = "cpu"
     dtype: str = "auto"
     public_name: str = ""
@@ -76,6 +89,10 @@ class NodeConfig:
             raise ValueError("give --initial-peers MULTIADDR ... to join a swarm, or --new-swarm to start one")
         if not self.listen:
             raise ValueError("--listen needs at least one multiaddr")
+        if self.relay_slots < 1 or self.relay_circuits < 1 or self.relay_bytes < 0 or not self.relay_duration >= 0:
+            raise ValueError("--relay-slots and --relay-circuits must be >= 1, --relay-duration and --relay-bytes >= 0")
+        if self.reachability not in ("auto", "direct", "relayed"):
+            raise ValueError("--reachability must be auto, direct or relayed")
         if not 0 <= self.lane_port <= 65535:
             raise ValueError(f"--lane-port must be a TCP port (0-65535), got {self.lane_port}")
         if self.device.split(":")[0] not in DEVICES:

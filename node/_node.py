@@ -26,7 +26,7 @@ import trio
 import crdt
 import p2p
 from crdt import ServerState
-from pipeline import Checkpoint, InvalidSpanError, Span, check_device, load_span
+from pipeline import Checkpoint, InvalidSpanError, LaminaError, Span, check_device, load_span
 from pipeline._swarm import SwarmView, now_ms, swarm_topics
 
 from ._announce import Announcer, learn_addrs, record_fields, signer_for
@@ -40,6 +40,10 @@ from ._sessions import CacheBudget, default_cache_tokens
 logger = logging.getLogger("lamina.node")
 
 LEAVE_ANNOUNCE_DEADLINE = 2.0  # seconds spent pushing the DRAINING and the OFFLINE records
+
+
+class JoinError(LaminaError):
+    """The node could join no swarm: none of its initial peers answered."""
 
 
 def model_id(checkpoint: Checkpoint) -> crdt.ModelId:
@@ -117,6 +121,42 @@ class Node:
         except Exception:
             return []
         return list(signed.record.addrs) if signed is not None else []
+
+    def _reachability(self) -> crdt.Reachability:
+        """DIRECT once a dial-back proved it; until then (and when it failed) RELAYED: other
+        nodes choose relays among DIRECT ones, and a guess costs them a dial timeout."""
+        direct = self.host.nat.status == p2p.ReachStatus.DIRECT
+        return crdt.Reachability.DIRECT if direct else crdt.Reachability.RELAYED
+
+    def _relay_candidates(self) -> list[tuple[str, list[str]]]:
+        """Reachable servers of the swarm (relays to reserve on when we are not): the least
+        loaded first."""
+        now = now_ms()
+        live = [r.record for r in self.view.state if r.record.peer_id != self.view.peer_id
+                and r.record.state == ServerState.ONLINE and r.record.reachability == crdt.Reachability.DIRECT
+                and r.record.expires_ms > now]
+        live.sort(key=lambda r: r.load.active_sessions)
+        return [(crdt.peer_id_to_str(r.peer_id), list(r.addrs)) for r in live]
+
+    async def _follow_reachability(self) -> None:
+        """Re-announce at once when our reachability or relay addresses change, and keep the
+        relay candidates current."""
+        nat = self.host.nat
+        nat.set_relay_candidates(self._relay_candidates)
+        assert self.announcer is not None
+        while True:
+            async with trio.open_nursery() as nursery:   # whichever changes first
+                async def on(wait) -> None:  # type: ignore[no-untyped-def]
+                    await wait()
+                    nursery.cancel_scope.cancel()
+                if nat.reach is not None:
+                    nursery.start_soon(on, nat.reach.wait_changed)
+                if nat.reservations is not None:
+                    nursery.start_soon(on, nat.reservations.wait_changed)
+                nursery.start_soon(on, self.view.wait_changed)
+            if self.addrs != list(self.announcer.last.record.addrs if self.announcer.last else ()) or \
+                    self._reachability() != (self.announcer.last.record.reachability if self.announcer.last else None):
+                await self.announcer.refresh()
 
     # -- bring-up ----------------------------------------------------------------------------
     async def _choose_blocks(self) -> tuple[int, int]:
@@ -223,11 +263,23 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     checkpoint = Checkpoint(config.model)  # a missing or bad model fails before any networking
     check_device(config.device, torch.float32)  # so does a missing device (dtype: checked at load)
     identity = p2p.Identity.load_or_create(config.identity) if config.identity else p2p.Identity.generate()
-    host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen),
+    nat = p2p.NatConfig(enabled=True, relay=config.relay, reachability=config.reachability,
+                        relay_limits=p2p.RelayLimits(max_reservations=config.relay_slots,
+                                                     max_circuits=config.relay_circuits,
+                                                     circuit_duration=int(config.relay_duration),
+                                                     circuit_bytes=config.relay_bytes))
+    host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen), nat=nat,
                                  announce_addrs=list(config.announce_addrs),
                                  enable_lanes=config.lanes, lane_port=config.lane_port,
+                                 swarm_key=config.swarm_key,
                                  bootstrap_peers=list(config.initial_peers), gossip_topics=swarm_topics())
+    if config.swarm_key is not None:
+        logger.info("private swarm: swarm key %s", config.swarm_key.fingerprint())
     async with p2p.open_host(host_config) as host:
+        if config.initial_peers and len(host.bootstrap_errors) == len(config.initial_peers):
+            why = next(iter(host.bootstrap_errors.values()))
+            raise JoinError(f"none of --initial-peers could be reached ({why}); check the addresses, that those "
+                            "peers run, and in a private swarm that every peer uses the same --swarm-key")
         async with trio.open_nursery() as nursery:
             view = SwarmView(host)
             await nursery.start(view.serve)
@@ -235,7 +287,8 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             node.live.start, node.live.end = await node._choose_blocks()
             fields = record_fields(model=node.model, span=lambda: node.blocks,
                                    throughput=lambda: node.live.throughput, load=node._load,
-                                   rtts=lambda: node.rtts, version=VERSION[:32], public_name=config.public_name)
+                                   rtts=lambda: node.rtts, version=VERSION[:32], public_name=config.public_name,
+                                   reachability=node._reachability)
             node.announcer = Announcer(view, signer_for(identity), fields, heartbeat=config.heartbeat,
                                        lease=config.lease, state=ServerState.JOINING)
             await nursery.start(node.announcer.serve)
@@ -246,6 +299,7 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             node.server.install()
             await node.set_state(ServerState.ONLINE)
             nursery.start_soon(node._rtt_loop)
+            nursery.start_soon(node._follow_reachability)
             if config.num_blocks is not None and config.rebalance_interval > 0:
                 nursery.start_soon(node._rebalance_loop)
             logger.info("serving blocks %d:%d of %s as %s", *node.blocks, node.model.name, node.peer_id)

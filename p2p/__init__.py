@@ -8,7 +8,8 @@ Layers, bottom up:
 * `Session`: a framed, heartbeated, deadline-bounded message stream over one transport (a
   libp2p stream, or a direct lane: the session behaves the same on either);
 * `open_host(HostConfig)`: the host, its handlers (isolated, per-peer limited), the Kademlia
-  `DHT` and `Gossip`, all owned by one async context manager.
+  `DHT` and `Gossip`, all owned by one async context manager; with ``HostConfig(swarm_key=
+  SwarmKey.load("swarm.key"))`` a private swarm (libp2p pnet: only peers holding the key connect).
 
 Quick tour::
 
@@ -52,6 +53,11 @@ from ._gossip import Gossip, GossipMessage, GossipSubscription
 from ._host import Host, HostConfig, PeerCallback, SessionHandler, UnaryHandler, open_host, serve_host
 from ._identity import Identity, peer_id_from_public_key, verify_signature
 from ._logging import quiet_libp2p_logging
+from ._pnet import SwarmKey, SwarmKeyError
+from ._nat import NatConfig
+from ._reach import ReachStatus, is_public_ip
+from ._relay import RelayLimits
+from ._punch import is_relayed
 from ._messages import REGISTRY, ErrorMessage, Goodbye, Heartbeat, Message, field, message, message_class
 from ._protocol import SessionProtocol
 from ._session import Session
@@ -62,6 +68,14 @@ __all__ = [
     "constants",
     # identity and host
     "Identity",
+    "SwarmKey",
+    "SwarmKeyError",
+    # NAT traversal
+    "NatConfig",
+    "RelayLimits",
+    "ReachStatus",
+    "is_public_ip",
+    "is_relayed",
     "verify_signature",
     "peer_id_from_public_key",
     "HostConfig",

@@ -43,6 +43,9 @@ DEFAULT_MAX_CONCURRENT_PER_PEER = 16  # handler invocations per peer and protoco
 
 # --- host ----------------------------------------------------------------------------------
 DIAL_DEADLINE = 10.0
+# private swarms (_pnet.py): the peer's 24-byte nonce and its first 20 bytes (multistream's
+# header) must arrive within this long; a peer that sends nothing is not waited on for longer
+PNET_HANDSHAKE_DEADLINE = 10.0
 IDENTIFY_WAIT = 5.0  # how long a new connection may take to be identified before DHT seeding
 BOOTSTRAP_DEADLINE = 15.0
 

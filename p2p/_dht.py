@@ -206,12 +206,13 @@ class DHT:
 
 
 async def bootstrap(addrs: list[str], connect: Callable[[str], Awaitable[object]], dht: DHT | None,
-                    nursery: trio.Nursery) -> None:
-    """Dial the bootstrap peers `addrs` with `connect` (concurrently; failures are logged) and,
-    with a `dht`, look ourselves up so the routing table learns the swarm: the lookup runs in
-    `nursery`, in the background."""
+                    nursery: trio.Nursery) -> dict[str, P2PError]:
+    """Dial the bootstrap peers `addrs` with `connect` (concurrently; failures are logged and
+    returned, by address) and, with a `dht`, look ourselves up so the routing table learns the
+    swarm: the lookup runs in `nursery`, in the background."""
+    failed: dict[str, P2PError] = {}
     if not addrs:
-        return
+        return failed
     connected = 0
 
     async def dial(addr: str) -> None:
@@ -220,6 +221,7 @@ async def bootstrap(addrs: list[str], connect: Callable[[str], Awaitable[object]
             await connect(addr)
             connected += 1
         except P2PError as exc:
+            failed[addr] = exc
             logger.warning("bootstrap peer %s unreachable: %s", addr, exc)
 
     with trio.move_on_after(BOOTSTRAP_DEADLINE):
@@ -237,6 +239,7 @@ async def bootstrap(addrs: list[str], connect: Callable[[str], Awaitable[object]
         # In the background: the lookup asks peers it learns of, and one that does not answer
         # (a frozen process, a sleeping laptop) held the host's start for the whole deadline.
         nursery.start_soon(refresh, dht)
+    return failed
 
 
 async def refresh(dht: DHT) -> None:

@@ -60,11 +60,15 @@ from ._errors import (
 from ._gossip import Gossip
 from ._expiring import ExpiringSet
 from ._identity import Identity
-from ._lane import LaneListener, LaneStream
+from ._lane import LaneListener, LaneStream, lane_ip
+from ._relay import parse_circuit_addr
 from ._lane_setup import accept_lane, request_lane, start_lanes
 from ._libp2p import (Notifee, close_connections, isolate_libp2p_handlers, new_libp2p_host, reap_inbound_handlers,
                       unsupported)
 from ._logging import quiet_libp2p_logging
+from ._nat import NatConfig, NatTraversal, is_circuit
+from ._reach import is_public_ip
+from ._pnet import SwarmKey, dial_failure
 from ._messages import REGISTRY, ErrorMessage, Message
 from ._session import Session, run_session
 from ._transport import LaneTransport, StreamTransport
@@ -127,6 +131,12 @@ class HostConfig:
     # port they listen on (0: any free port), on the host of the first listen address
     enable_lanes: bool = True
     lane_port: int = 0
+    # a private swarm's pre-shared key (see `_pnet`): only peers holding the same key connect
+    # (lanes too); None: an open swarm
+    swarm_key: SwarmKey | None = None
+    # NAT traversal: dial-back checks, relay (offered, and reserved on when not dialable), hole
+    # punching (see `_nat`); off by default
+    nat: NatConfig = field(default_factory=NatConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.identity, Identity):
@@ -141,6 +151,8 @@ class HostConfig:
             _parse_tcp_addr(a, what="bootstrap_peers", peer="must")
         if self.dht_mode not in ("auto", "server", "client"):
             raise ValueError("HostConfig.dht_mode must be 'auto', 'server' or 'client'")
+        if self.swarm_key is not None and not isinstance(self.swarm_key, SwarmKey):
+            raise TypeError("HostConfig.swarm_key must be a p2p.SwarmKey (SwarmKey.load(path)) or None")
         if not 1024 <= self.max_message_size < 2**32:
             raise ValueError("HostConfig.max_message_size must be in [1 KiB, 4 GiB)")
 
@@ -192,6 +204,9 @@ class Host:
         self._primary_ip = _primary_ip()
         self.lanes: LaneListener | None = None  # set while the lane listener is up
         self._unreachable_lanes = ExpiringSet(LANE_UNREACHABLE_TTL)  # (peer, ip) whose lane was not reached
+        self.bootstrap_errors: dict[str, P2PError] = {}  # bootstrap peers that could not be dialled, why
+        self._swarm_key_bytes = config.swarm_key.key if config.swarm_key is not None else None  # for lanes
+        self.nat = NatTraversal(self, config.nat)
 
     # -- identity and addresses ------------------------------------------------------------
     @property
@@ -222,8 +237,9 @@ class Host:
         return list({str(a): a for a in out}.values())
 
     def addrs(self) -> list[str]:
-        """Our dialable multiaddrs, each ending in /p2p/<our id>."""
-        return [str(a) for a in self.libp2p.get_addrs()]
+        """Our dialable multiaddrs, each ending in /p2p/<our id>: direct ones, or relayed ones
+        (…/p2p/<relay>/p2p-circuit/p2p/<our id>) once NAT traversal found we are not dialable."""
+        return self.nat.advertised([str(a) for a in self.libp2p.get_addrs()])
 
     # -- connections -----------------------------------------------------------------------
     def connected_peers(self) -> list[ID]:
@@ -233,14 +249,26 @@ class Host:
         return bool(self.libp2p.get_network().get_connections(_as_peer_id(peer)))
 
     async def connect(self, addr: str) -> ID:
-        """Dial a full multiaddr (…/tcp/<port>/p2p/<id>) and return the peer id. Raises
-        `PeerTimeoutError` or `PeerBrokenError` (unreachable, wrong key, refused)."""
+        """Dial a full multiaddr (…/tcp/<port>/p2p/<id>, or a relay's circuit address
+        …/p2p/<relay>/p2p-circuit/p2p/<id>) and return the peer id. Raises `PeerTimeoutError` or
+        `PeerBrokenError` (unreachable, wrong key, refused, no reservation at the relay)."""
+        if is_circuit(addr):
+            return await self._connect_circuit(addr)
         ma = _parse_tcp_addr(addr, what="connect", peer="must")
         info = PeerInfo(ID.from_base58(ma.value_for_protocol("p2p")), [ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{ma.value_for_protocol('p2p')}"))])
         if info.peer_id == self.peer_id:
             raise LocalProtocolError("cannot connect to ourselves")
         await self._connect(info)
         return info.peer_id
+
+    async def _connect_circuit(self, addr: str) -> ID:
+        try:
+            target = parse_circuit_addr(addr)[2]
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        if target == self.peer_id:
+            raise LocalProtocolError("cannot connect to ourselves")
+        return await self.nat.connect_circuit(addr)
 
     async def _connect(self, info: PeerInfo) -> None:
         try:
@@ -249,7 +277,7 @@ class Host:
         except trio.TooSlowError:
             raise PeerTimeoutError(f"dialing {info.peer_id} took more than {DIAL_DEADLINE}s", peer_id=info.peer_id) from None
         except Exception as exc:
-            raise PeerBrokenError(f"cannot connect to {info.peer_id}: {exc}", peer_id=info.peer_id) from exc
+            raise PeerBrokenError(f"cannot connect to {info.peer_id}: {dial_failure(exc)}", peer_id=info.peer_id) from exc
 
     def add_addrs(self, peer: PeerLike, addrs: list[str], ttl: float = 3600.0) -> None:
         """Remember multiaddrs for `peer` (with or without their /p2p/ suffix) so that
@@ -258,6 +286,16 @@ class Host:
         peer_id = _as_peer_id(peer)
         parsed = []
         for addr in addrs:
+            if is_circuit(addr):   # in our own book: py-libp2p's identify rewrites the peerstore's
+                try:
+                    relay_addr, relay, target = parse_circuit_addr(addr if addr.endswith(f"/p2p/{peer_id}")
+                                                                   else f"{addr}/p2p/{peer_id}")
+                except ValueError as exc:
+                    raise LocalProtocolError(f"add_addrs: {exc}") from None
+                if target != peer_id:
+                    raise LocalProtocolError(f"{addr} belongs to {target}, not {peer_id}")
+                self.nat.remember_circuit(f"{relay_addr}/p2p/{relay}/p2p-circuit/p2p/{target}", ttl)
+                continue
             try:
                 ma = _parse_tcp_addr(addr, what="add_addrs", peer="may")
             except ValueError as exc:
@@ -370,7 +408,7 @@ class Host:
                     await self._serve_unary(handler, peer_id, session)
                 else:
                     if handler.lane:
-                        lane = await accept_lane(session, self.lanes)
+                        lane = await accept_lane(session, self.lanes if self._offers_lane(stream) else None)
                     if lane is None:
                         await self._serve_session(handler, peer_id, session)
                     else:  # reset, not goodbye: waiting for the client's goodbye delays the lane
@@ -390,6 +428,16 @@ class Host:
                     handler.active[peer_id] = left
                 else:
                     handler.active.pop(peer_id, None)
+
+    def _offers_lane(self, stream: Any) -> bool:
+        """Whether a lane is worth offering on this stream: not when our dial-back checks found
+        the lane port unreachable from outside and the peer is outside (a public address, or a
+        relayed connection); a LAN or loopback peer may still reach it."""
+        reach = self.nat.reach
+        if reach is None or reach.lane_reachable is not False:
+            return True
+        ip = lane_ip(stream)
+        return ip is not None and not is_public_ip(ip)
 
     async def _serve_unary(self, handler: _Handler, peer_id: ID, session: Session) -> None:
         try:
@@ -468,9 +516,29 @@ class Host:
         if not addrs and self.dht is not None:
             found = await self.dht.find_peer(peer_id)
             addrs = [multiaddr.Multiaddr(a) for a in found]
-        if not addrs:
+        if not addrs and not self.nat.known_circuits(peer_id):
             raise PeerBrokenError(f"no known address for {peer_id}", peer_id=peer_id)
-        await self._connect(PeerInfo(peer_id, addrs))
+        direct = [a for a in addrs if not is_circuit(str(a))]
+        circuits = self.nat.known_circuits(peer_id)
+        if circuits:   # a peer behind a NAT: its private addresses (from identify) are not ours to dial
+            direct = [a for a in direct if is_public_ip(_ip_of(a) or "")]
+        failure: P2PError | None = None
+        logger.debug("dialling %s: direct %s, circuits %s", peer_id, [str(a) for a in direct], circuits)
+        if direct:
+            try:
+                await self._connect(PeerInfo(peer_id, direct))
+                return
+            except P2PError as exc:
+                failure = exc
+        for circuit in circuits:   # through a relay: what a peer behind NAT advertises
+            try:
+                await self.nat.connect_circuit(circuit)
+                return
+            except P2PError as exc:
+                logger.debug("dialling %s through %s failed: %r", peer_id, circuit, exc)
+                failure = exc
+        assert failure is not None
+        raise failure
 
     @asynccontextmanager
     async def open_session(self, peer: PeerLike, protocol_id: str, *, lane: bool = False) -> AsyncIterator[Session]:
@@ -486,7 +554,7 @@ class Host:
             if lane and self.config.enable_lanes:
                 try:
                     with trio.fail_after(OPEN_STREAM_DEADLINE + LANE_CONNECT_DEADLINE):
-                        moved = await request_lane(session, stream, self._unreachable_lanes)
+                        moved = await request_lane(session, stream, self._unreachable_lanes, self._swarm_key_bytes)
                 except trio.TooSlowError:
                     raise PeerTimeoutError(f"setting up a lane to {peer_id} timed out", peer_id=peer_id) from None
             if moved is None:
@@ -557,7 +625,7 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     def addrs_factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return host_ref[0]._advertised(candidates) if host_ref else list(candidates)
 
-    h = new_libp2p_host(config.identity.key_pair, config.listen_addrs, addrs_factory)
+    h = new_libp2p_host(config.identity.key_pair, config.listen_addrs, addrs_factory, config.swarm_key)
     host = Host(config, h)
     host_ref.append(host)
     listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
@@ -581,10 +649,11 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                         if config.enable_lanes:
                             # on the host of the first listen address
                             bind = _ip_of(multiaddr.Multiaddr(config.listen_addrs[0])) or "0.0.0.0"
-                            host.lanes = await start_lanes(bind, config.lane_port, nursery)
+                            host.lanes = await start_lanes(bind, config.lane_port, nursery, host._swarm_key_bytes)
+                        await nursery.start(host.nat.serve)
                         isolate_libp2p_handlers(h)
                         h.get_network().register_notifee(Notifee(host._spawn_peer_event))
-                        await bootstrap(config.bootstrap_peers, host.connect, host.dht, nursery)
+                        host.bootstrap_errors = await bootstrap(config.bootstrap_peers, host.connect, host.dht, nursery)
                         yield host
                     finally:
                         nursery.cancel_scope.cancel()

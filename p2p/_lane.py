@@ -22,7 +22,8 @@ How a lane is set up (the libp2p stream stays the control channel, and the fallb
 
 Records: ``length:u32 BE || ChaCha20-Poly1305(plaintext)`` (length counts the 16-byte tag; a
 plaintext is at most `RECORD_MAX` bytes). Each direction has its own key, derived with
-HKDF-SHA256 from the invite key (salt: the ticket), and a 64-bit counter nonce starting at 0:
+HKDF-SHA256 from the invite key (salt: the ticket; in a private swarm, the swarm key is appended
+to the invite key, so a lane cannot be used without it either), and a 64-bit counter nonce starting at 0:
 TCP keeps records in order, so any dropped, replayed, reordered or altered record fails
 authentication, and the lane is then broken (`trio.BrokenResourceError`). Tickets are single
 use and expire after `LANE_TICKET_TTL`; a connection that does not present a live ticket within
@@ -87,9 +88,11 @@ class LaneDecline(Message):
     reason: str = field(default="", max_len=200)
 
 
-def _keys(key: bytes, ticket: bytes) -> tuple[bytes, bytes]:
-    """(client -> server key, server -> client key)."""
-    okm = HKDF(algorithm=hashes.SHA256(), length=2 * KEY_SIZE, salt=ticket, info=b"lamina lane v1").derive(key)
+def _keys(key: bytes, ticket: bytes, swarm_key: bytes | None = None) -> tuple[bytes, bytes]:
+    """(client -> server key, server -> client key). In a private swarm the swarm key follows
+    the invite's key in the input keying material: a lane needs both."""
+    ikm = key if swarm_key is None else key + swarm_key
+    okm = HKDF(algorithm=hashes.SHA256(), length=2 * KEY_SIZE, salt=ticket, info=b"lamina lane v1").derive(ikm)
     return okm[:KEY_SIZE], okm[KEY_SIZE:]
 
 
@@ -324,9 +327,10 @@ class _Ticket:
 class LaneListener:
     """Accepts lane connections and hands each one to the handler holding its ticket."""
 
-    def __init__(self, bind_host: str, port: int = 0) -> None:
+    def __init__(self, bind_host: str, port: int = 0, swarm_key: bytes | None = None) -> None:
         self.bind_host = bind_host
         self.requested_port = port
+        self._swarm_key = swarm_key  # a private swarm's key, mixed into every lane's keys
         self.port: int | None = None
         self._tickets: dict[bytes, _Ticket] = {}
         self.handshakes = 0  # connections still to present their ticket
@@ -399,7 +403,7 @@ class LaneListener:
             entry = self._tickets.pop(ticket, None)
             if entry is None or entry.expires < trio.current_time():
                 raise trio.BrokenResourceError("unknown or expired ticket")
-            client_key, server_key = _keys(entry.key, ticket)
+            client_key, server_key = _keys(entry.key, ticket, self._swarm_key)
             lane = LaneStream(sock, send_key=server_key, recv_key=client_key)
             entry.stream = lane
             entry.arrived.set()  # the waiting handler owns the lane from here on
@@ -410,13 +414,14 @@ class LaneListener:
             await trio.aclose_forcefully(sock)
 
 
-async def connect_lane(ip: str, invite: LaneInvite) -> LaneStream:
+async def connect_lane(ip: str, invite: LaneInvite, swarm_key: bytes | None = None) -> LaneStream:
     """Client side: connect, present the ticket, wait for the acknowledgement. Raises OSError,
-    trio errors or TooSlowError (the caller falls back to libp2p)."""
+    trio errors or TooSlowError (the caller falls back to libp2p). `swarm_key`: the private
+    swarm's key, which the server mixes into the lane's keys too."""
     with trio.fail_after(LANE_CONNECT_DEADLINE):
         sock = await trio.open_tcp_stream(ip, invite.port)
         try:
-            client_key, server_key = _keys(invite.key, invite.ticket)
+            client_key, server_key = _keys(invite.key, invite.ticket, swarm_key)
             lane = LaneStream(sock, send_key=client_key, recv_key=server_key)
             await sock.send_all(LANE_MAGIC + invite.ticket)
             if await lane.receive_record() != ACK:

@@ -25,10 +25,12 @@ logger = logging.getLogger("lamina.p2p")
 __all__ = ["start_lanes", "accept_lane", "request_lane"]
 
 
-async def start_lanes(bind_host: str, port: int, nursery: trio.Nursery) -> LaneListener | None:
+async def start_lanes(bind_host: str, port: int, nursery: trio.Nursery,
+                      swarm_key: bytes | None = None) -> LaneListener | None:
     """Start a lane listener on `bind_host`:`port` in `nursery`; None when the port cannot be
-    bound (lanes are an optimisation: sessions then stay on libp2p streams)."""
-    listener = LaneListener(bind_host, port)
+    bound (lanes are an optimisation: sessions then stay on libp2p streams). `swarm_key`: a
+    private swarm's key, mixed into every lane's keys."""
+    listener = LaneListener(bind_host, port, swarm_key)
     try:
         await nursery.start(listener.serve)
     except OSError as exc:
@@ -89,10 +91,12 @@ async def accept_lane(session: Session, lanes: LaneListener | None) -> LaneStrea
     return ticket.stream
 
 
-async def request_lane(session: Session, stream: Any, unreachable: ExpiringSet) -> LaneStream | None:
+async def request_lane(session: Session, stream: Any, unreachable: ExpiringSet,
+                       swarm_key: bytes | None = None) -> LaneStream | None:
     """Client side of the lane set-up: the lane, or None to stay on this session. `stream` is
     the session's libp2p stream (its connection tells the IP to dial); `unreachable` holds the
-    (peer, IP) pairs whose lane was not reached lately: they are not asked again."""
+    (peer, IP) pairs whose lane was not reached lately: they are not asked again; `swarm_key`:
+    a private swarm's key (the lane's keys need it)."""
     ip = lane_ip(stream)
     if ip is None:
         return None
@@ -107,7 +111,7 @@ async def request_lane(session: Session, stream: Any, unreachable: ExpiringSet) 
     if type(reply) is not LaneInvite:
         raise RemoteProtocolError(f"expected a lane invite, got {type(reply).TYPE}")
     try:
-        return await connect_lane(ip, reply)
+        return await connect_lane(ip, reply, swarm_key)
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if isinstance(exc, (OSError, trio.TooSlowError)):  # not reached, not just closed on us
             logger.info("cannot reach the lane of %s at %s:%d (%r); staying on libp2p for %.0f s",

@@ -33,7 +33,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from . import _pnet
 from ._constants import DIAL_DEADLINE, RESET_DEADLINE
+from ._pnet import SwarmKey
 
 logger = logging.getLogger("lamina.p2p")
 
@@ -43,9 +45,12 @@ __all__ = ["new_libp2p_host", "isolate_libp2p_handlers", "reap_inbound_handlers"
 AddrsFactory = Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]]
 
 
-def new_libp2p_host(key_pair: KeyPair, listen_addrs: list[str], addrs_factory: AddrsFactory) -> Any:
+def new_libp2p_host(key_pair: KeyPair, listen_addrs: list[str], addrs_factory: AddrsFactory,
+                    swarm_key: SwarmKey | None = None) -> Any:
     """A py-libp2p host (not started) with lamina's stack; `addrs_factory` says which addresses
-    it announces."""
+    it announces; with a `swarm_key`, every connection is protected by it (see `_pnet`)."""
+    if swarm_key is not None:
+        _pnet.install()  # py-libp2p's own protector speaks no other implementation's pnet
     host = new_host(
         key_pair=key_pair,
         listen_addrs=[multiaddr.Multiaddr(a) for a in listen_addrs],
@@ -64,6 +69,7 @@ def new_libp2p_host(key_pair: KeyPair, listen_addrs: list[str], addrs_factory: A
         disable_identify_address_discovery=True,
         enable_mDNS=False,
         enable_upnp=False,
+        psk=swarm_key.hex if swarm_key is not None else None,
     )
     # One attempt per dial: py-libp2p retries a failed dial 3 times with backoff (0.1, 0.2,
     # 0.4 s plus jitter), so a peer that refuses (its process died) took 0.9 s to fail, and the

@@ -1,6 +1,6 @@
 """Generate from the shell.
 
-    python -m pipeline generate --model DIR --prompt "Once upon a time" [--local | --initial-peers ...]
+    python -m pipeline generate --model DIR --prompt "Once upon a time" [--local | --initial-peers ... [--swarm-key FILE]]
     python -m pipeline write-tiny DIR [--preset tiny|small|micro]
 """
 
@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--input-ids", default=None, help="comma-separated token ids instead of --prompt")
     g.add_argument("--local", action="store_true", help="run every block in this process")
     g.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm peers")
+    g.add_argument("--swarm-key", default=None, metavar="FILE",
+                   help="a private swarm's key file (as run-node --swarm-key; default: $LAMINA_SWARM_KEY)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -104,7 +106,8 @@ def _generate(args) -> int:
         if not args.initial_peers:
             raise ValueError("give --initial-peers (or --local to run every block here)")
         with DistributedModelForCausalLM.from_pretrained(
-                args.model, initial_peers=args.initial_peers, device=args.device, dtype=args.dtype) as model:
+                args.model, initial_peers=args.initial_peers, device=args.device, dtype=args.dtype,
+                swarm_key=args.swarm_key) as model:
             ids = _input_ids(args, model.tokenizer)
             t0 = time.perf_counter()
             with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:

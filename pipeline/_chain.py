@@ -459,6 +459,10 @@ class Chain:
                     self._wake(urgent=True)
 
     async def _connect(self, hop: Hop) -> None:
+        try:   # all of them: a later redial (a liveness probe) may need another relay's circuit
+            self.host.add_addrs(hop.peer_id, list(hop.addrs))
+        except p2p.P2PError:
+            pass
         for addr in hop.addrs:
             try:
                 await self.host.connect(addr)

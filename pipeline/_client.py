@@ -98,16 +98,26 @@ class AsyncDistributedModelForCausalLM:
     @asynccontextmanager
     async def from_pretrained(cls, name_or_path: str | os.PathLike, *, initial_peers: Sequence[str],
                               device: str = "cpu", dtype: str | torch.dtype = "auto",
-                              identity: p2p.Identity | None = None, **options: Any
+                              identity: p2p.Identity | None = None,
+                              swarm_key: p2p.SwarmKey | str | os.PathLike | None = None, **options: Any
                               ) -> AsyncIterator["AsyncDistributedModelForCausalLM"]:
+        """`swarm_key`: a private swarm's key (a `p2p.SwarmKey`, or the path of its swarm.key
+        file; default: the file $LAMINA_SWARM_KEY names, else an open swarm). A bad key file
+        raises `p2p.SwarmKeyError`."""
         opts = _options(dict(options))
         if not initial_peers:
             raise SwarmUnavailableError("initial_peers is empty: give at least one multiaddr of the swarm")
+        key = resolve_swarm_key(swarm_key)
         checkpoint = Checkpoint(name_or_path)
         head = load_client_head(checkpoint, device, dtype)
+        # A swarm on this machine needs no listener beyond loopback; any other gets one on every
+        # interface: a hole punch to a node behind a NAT leaves from our listen port.
+        local = all("/ip4/127." in a or "/ip6/::1/" in a for a in initial_peers)
         config = p2p.HostConfig(identity=identity or p2p.Identity.generate(),
-                                listen_addrs=["/ip4/127.0.0.1/tcp/0"], bootstrap_peers=list(initial_peers),
-                                dht_mode="client", gossip_topics=[SWARM_TOPIC])
+                                listen_addrs=["/ip4/127.0.0.1/tcp/0" if local else "/ip4/0.0.0.0/tcp/0"],
+                                bootstrap_peers=list(initial_peers), dht_mode="client",
+                                gossip_topics=[SWARM_TOPIC], swarm_key=key,
+                                nat=p2p.NatConfig(enabled=True, reserve=False))
         async with p2p.open_host(config) as host, trio.open_nursery() as nursery:
             view = SwarmView(host)
             await nursery.start(view.serve)
@@ -120,7 +130,9 @@ class AsyncDistributedModelForCausalLM:
 
     async def _wait_for_servers(self) -> None:
         if not self.host.connected_peers():
-            raise SwarmUnavailableError("could not reach any of initial_peers")
+            # why the first one failed (a swarm key mismatch says so), if it failed rather than timed out
+            why = next((f" ({e})" for e in self.host.bootstrap_errors.values()), "")
+            raise SwarmUnavailableError(f"could not reach any of initial_peers{why}")
         blocks = self.config.num_hidden_layers
         with trio.move_on_after(self.options.connect_timeout):
             await self.view.wait_until(lambda _state: self._covered(blocks))
@@ -226,6 +238,27 @@ class AsyncDistributedModelForCausalLM:
         return self._session_output(session, ids, run, out)
 
 
+SWARM_KEY_ENV = "LAMINA_SWARM_KEY"  # the swarm key file's path when the caller gives none
+
+
+def resolve_swarm_key(swarm_key: p2p.SwarmKey | str | os.PathLike | None) -> p2p.SwarmKey | None:
+    """A `SwarmKey` as given, loaded from a path, or from the file $LAMINA_SWARM_KEY names; None
+    for an open swarm. Raises `p2p.SwarmKeyError` for a missing or bad key file."""
+    if isinstance(swarm_key, p2p.SwarmKey):
+        return swarm_key
+    if swarm_key is None:
+        path = os.environ.get(SWARM_KEY_ENV) or None
+        if path is None:
+            return None
+        try:
+            return p2p.SwarmKey.load(path)
+        except p2p.SwarmKeyError as exc:
+            raise p2p.SwarmKeyError(f"${SWARM_KEY_ENV}: {exc}") from None
+    if isinstance(swarm_key, (str, os.PathLike)):
+        return p2p.SwarmKey.load(swarm_key)
+    raise TypeError(f"swarm_key must be a p2p.SwarmKey or a path, not {type(swarm_key).__name__}")
+
+
 def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.tensor(input_ids)
@@ -300,14 +333,18 @@ class DistributedModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, initial_peers: Sequence[str],
+                        swarm_key: p2p.SwarmKey | str | os.PathLike | None = None,
                         **options: Any) -> "DistributedModelForCausalLM":
+        """See `AsyncDistributedModelForCausalLM.from_pretrained` (`swarm_key`: a private
+        swarm's key or the path of its swarm.key file)."""
+        swarm_key = resolve_swarm_key(swarm_key)  # a bad key file fails here, before any thread
         runner = _TrioThread()
         ready: dict[str, Any] = {}
 
         async def keep_open(task_status=trio.TASK_STATUS_IGNORED) -> None:
             stop = trio.Event()
             async with AsyncDistributedModelForCausalLM.from_pretrained(
-                    name_or_path, initial_peers=initial_peers, **options) as model:
+                    name_or_path, initial_peers=initial_peers, swarm_key=swarm_key, **options) as model:
                 ready["model"], ready["stop"] = model, stop
                 task_status.started()
                 await stop.wait()

@@ -4,7 +4,8 @@
         model = DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
 
 Each node is a separate `run-node` process; the first starts the swarm (`--new-swarm`), the
-others join through it. Readiness is the node's own `serving blocks A:B <multiaddr>` line on
+others join through it. With ``swarm_key=PATH`` every node gets ``--swarm-key PATH`` (a private
+swarm: give the client the same ``swarm_key=``). Readiness is the node's own `serving blocks A:B <multiaddr>` line on
 stdout, read with a deadline (no sleeps). Node logs go to files in `log_dir`. Leaving the block
 sends SIGTERM (graceful drain) and waits for every process.
 """
@@ -113,9 +114,9 @@ class LocalSwarm:
 
     def __init__(self, model: str | os.PathLike, spans: Sequence[tuple[int, int]], *,
                  threads: int = 1, extra_args: Sequence[str] = (), log_dir: str | os.PathLike | None = None,
-                 start_timeout: float = 120.0) -> None:
+                 start_timeout: float = 120.0, swarm_key: str | os.PathLike | None = None) -> None:
         self.model, self.spans, self.threads = str(model), list(spans), threads
-        self.extra_args = list(extra_args)
+        self.extra_args = list(extra_args) + (["--swarm-key", str(swarm_key)] if swarm_key is not None else [])
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="lamina-swarm-")
         self.log_dir = Path(log_dir or self._tmp.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)

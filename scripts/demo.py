@@ -2,7 +2,7 @@
 """The main job: a local swarm of 3 `run-node` processes on the embedded tiny model, text
 generated through it with the client library, the route and speed printed, the swarm stopped.
 
-    python scripts/demo.py [--prompt TEXT] [--max-new-tokens N] [--model DIR]
+    python scripts/demo.py [--prompt TEXT] [--max-new-tokens N] [--model DIR] [--swarm-key FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model", default=str(ROOT / ".lamina" / "tiny"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--swarm-key", default=None, metavar="FILE",
+                    help="run a private swarm with this key file (make one with lamina-swarm-key)")
     args = ap.parse_args()
 
     import torch
@@ -34,11 +36,12 @@ def main() -> int:
     spans = [(0, 3), (3, 6), (6, 8)]
     print(f"starting 3 nodes serving {spans} of {model_dir} ...", flush=True)
     t0 = time.perf_counter()
-    with LocalSwarm(model_dir, spans, log_dir=ROOT / ".lamina" / "logs") as swarm:
+    with LocalSwarm(model_dir, spans, log_dir=ROOT / ".lamina" / "logs", swarm_key=args.swarm_key) as swarm:
         for node in swarm.nodes:
             print(f"  node {node.peer_id[-8:]} serving blocks {node.start}:{node.end} at {node.addr}")
         print(f"swarm up in {time.perf_counter() - t0:.1f} s", flush=True)
-        with DistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers) as model:
+        with DistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
+                                                         swarm_key=args.swarm_key) as model:
             ids = torch.tensor([model.tokenizer.encode(args.prompt)])
             with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:
                 route = " -> ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end})" for h in session.route)
