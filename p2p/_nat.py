@@ -37,6 +37,7 @@ logger = logging.getLogger("lamina.p2p")
 __all__ = ["NatConfig", "NatTraversal", "is_circuit"]
 
 PUNCH_RETRY_AFTER = 600.0   # seconds a peer we could not punch to is not tried again
+NO_RELAY_WARNING_AFTER = 30.0
 
 
 @dataclass(frozen=True)
@@ -192,11 +193,21 @@ class NatTraversal:
                 if relayed and holding is None and self.config.reserve:
                     holding = await nursery.start(_run_in_scope, self.reservations.serve)
                     logger.info("not dialable: reserving slots on %d relays", self.config.relays_wanted)
+                    nursery.start_soon(self._warn_without_relay)
                 elif not relayed and holding is not None:
                     holding.cancel()
                     holding = None
                 await self._set_dht_mode(relayed)
                 await self.reach.wait_changed()
+
+    async def _warn_without_relay(self) -> None:
+        """Say once, in one sentence, what to do when no relay takes us."""
+        await trio.sleep(NO_RELAY_WARNING_AFTER)
+        if self.status == ReachStatus.RELAYED and self.reservations is not None and not self.reservations.relays():
+            logger.warning("peers cannot dial this host (it is behind a NAT or firewall) and no relay has "
+                           "accepted a reservation after %.0f s, so nobody outside its network can reach it: "
+                           "give --initial-peers a reachable lamina-bootstrap (it relays), or forward the "
+                           "listen port and pass --announce-addr", NO_RELAY_WARNING_AFTER)
 
     async def _set_dht_mode(self, relayed: bool) -> None:
         dht = self._host.dht

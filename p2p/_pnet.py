@@ -342,6 +342,11 @@ def protect(raw_conn: Any, psk_hex: str) -> ProtectedConnection:
         key = b""
     if len(key) != KEY_SIZE:
         raise SwarmKeyError(f"a swarm key is {2 * KEY_SIZE} hex digits")
+    if isinstance(raw_conn, ProtectedConnection):
+        # py-libp2p's hole-punch dial (`dial_addr_as_responder`) protects the connection and
+        # then hands it to the inbound upgrade, which protects it again: twice would encrypt
+        # twice on our side only, and the punched connection would fail its handshake
+        return raw_conn
     return ProtectedConnection(raw_conn, key)
 
 

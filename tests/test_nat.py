@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 import netlab
 from conftest import assert_decisive
 from pipeline import LocalModelForCausalLM
-from pipeline.launch import start_node
+from pipeline.launch import run_node_command, start_node
 
 pytestmark = pytest.mark.slow   # network namespaces, seven processes
 
@@ -90,7 +91,7 @@ class Swarm:
             _wait_log(logs / f"{name}.log", r"reachability: relayed")
             _wait_log(logs / f"{name}.log", r"relay reservation on \S+ at", count=2)
 
-    def client(self, *extra: str) -> "subprocess.Popen":  # noqa: F821
+    def client(self, *extra: str) -> subprocess.Popen:
         argv = [sys.executable, CLIENT, str(self.model), self.addr["boot"], *extra,
                 *(["--swarm-key", str(self.key)] if self.key else [])]
         return self.homes["client"].popen(argv, stderr=open(self.logs / "client.log", "ab"))
@@ -159,3 +160,37 @@ def test_a_relay_dies_mid_generation(swarm, local) -> None:
     assert done["failovers"] >= 1 or done["reopened"] >= 1, done
     # B holds two reservations again, the new one on the relay it did not use before
     _wait_log(swarm.logs / "b.log", rf"relay reservation on {swarm.ids[spare]} at")
+
+
+def test_a_private_swarm_through_nats(nat_lab, tiny_model, tmp_path, local) -> None:
+    """Every peer with the swarm key: relays, hole punching and relayed hops all work over the
+    protected connections. Without the key, or with another one, neither a client nor a node
+    gets in: each is told, in one sentence, to check the swarm key."""
+    from p2p import SwarmKey
+
+    key, wrong = tmp_path / "swarm.key", tmp_path / "wrong.key"
+    key.write_text(SwarmKey.generate().to_text())
+    wrong.write_text(SwarmKey.generate().to_text())
+    s = None
+    try:
+        s = Swarm(nat_lab, tiny_model, tmp_path, key=key)
+        prompt, expected = _prompt(local)
+        done = _events(s.client("--prompt", prompt, "--new", str(NEW_TOKENS)), "done")
+        assert done["tokens"] == expected
+        assert "direct" in done["conns"][s.ids["a"]] and done["conns"][s.ids["b"]] == ["relayed"], done["conns"]
+        for extra in ([], ["--swarm-key", str(wrong)]):
+            s.key = None
+            proc = s.client("--prompt", prompt, "--new", "1", *extra)
+            event = json.loads(netlab.read_line(proc, timeout=120))
+            assert event["event"] == "error" and event["type"] == "SwarmUnavailableError", event
+            assert "--swarm-key" in event["message"], event
+            s.key = key
+        # a node with the wrong key: run-node says so and exits
+        outsider = s.homes["client"].popen(
+            [*run_node_command(), "--model", str(tiny_model), "--blocks", "0:8", "--listen", "/ip4/0.0.0.0/tcp/0",
+             "--initial-peers", s.addr["boot"], "--swarm-key", str(wrong)], stderr=subprocess.PIPE)
+        _, err = outsider.communicate(timeout=120)
+        assert outsider.returncode == 1 and b"--swarm-key" in err.splitlines()[-1], err[-2000:]
+    finally:
+        if s is not None:
+            s.stop()

@@ -455,3 +455,17 @@ async def test_a_private_run_node_serves_only_clients_with_its_key(micro_model, 
                         micro_model, initial_peers=[node.loopback], swarm_key=wrong):
                     pass
         assert "private swarm: swarm key" in node.log.read_text()
+
+
+def test_protecting_twice_is_protecting_once() -> None:
+    """py-libp2p's hole-punch dial protects a connection, then its inbound upgrade protects it
+    again: the second must hand back the same connection, or our side encrypts twice."""
+    from p2p._pnet import protect
+
+    key = p2p.SwarmKey.generate()
+
+    class Raw:
+        is_initiator = True
+
+    once = protect(Raw(), key.hex)
+    assert protect(once, key.hex) is once
