@@ -69,6 +69,7 @@ class ChainConfig:
     show_route: bool = False
 
 
+RTT_REFRESH = 60.0      # seconds before the client measures its RTT to a server again
 UNPUSHABLE_TTL = 300.0  # seconds a pair that could not push is relayed without trying again
 PROBE_TIMEOUT = 3.0  # a node whose session ended must answer an InfoRequest within this to be kept
 
@@ -428,6 +429,11 @@ class Chain:
             with trio.fail_after(self.config.open_timeout):
                 if not self.host.is_connected(hop.peer_id):
                     await self._connect(hop)
+            rtts = self.config.route_options
+            if trio.current_time() - rtts.client_rtts_at.get(hop.peer_id, -RTT_REFRESH) >= RTT_REFRESH:
+                rtts.client_rtts_at[hop.peer_id] = trio.current_time()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._measure_rtt, hop.peer_id)
             async with self.host.open_session(hop.peer_id, INFERENCE_PROTOCOL, lane=True) as session:
                 relay = may_relay and self._relays(hop, nxt)
                 with trio.fail_after(self.config.open_timeout):
@@ -457,6 +463,17 @@ class Chain:
                     if link.broken is None and not cancel.cancel_called:
                         self.plan.on_broken(link, p2p.PeerBrokenError(f"{hop.peer_id} ended the session"))
                     self._wake(urgent=True)
+
+    async def _measure_rtt(self, peer: str) -> None:
+        """One InfoRequest round trip to `peer`, for later routes (this one is chosen): over
+        the connection steps will take, a relay's detour included."""
+        started = trio.current_time()
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                await self.host.request(peer, INFO_PROTOCOL, InfoRequest())
+            except (p2p.P2PError, OSError):
+                return
+            self.config.route_options.client_rtts_ms[peer] = 1000 * (trio.current_time() - started)
 
     async def _connect(self, hop: Hop) -> None:
         try:   # all of them: a later redial (a liveness probe) may need another relay's circuit

@@ -3,7 +3,9 @@
 The graph's states are (block boundary, last server). Entering server s at boundary p and
 leaving it at boundary q costs
 
-    hop latency (the previous server's measured RTT to s, else the client's, else a default)
+    hop latency (the previous server's measured RTT to s, else the client's, else a default;
+    measured RTTs travel the connection the hop will use: through a relay when there is no
+    direct one, so a relayed hop costs what it measured)
     + (q - p) blocks x s's time per block (1 / inference_rps, else a default)
     + a load penalty growing with s's active sessions
 
@@ -42,7 +44,10 @@ class Hop:
 class RouteOptions:
     allowed_peers: frozenset[str] | None = None    # only these (None: any)
     blocked_peers: frozenset[str] = frozenset()
+    # the client's measured RTTs to servers (a relayed server's include the relay's detour),
+    # filled by the client's sessions as they go (`Chain`), and when each was measured
     client_rtts_ms: dict[str, float] = field(default_factory=dict)
+    client_rtts_at: dict[str, float] = field(default_factory=dict)
 
 
 def usable(record: ServerRecord, now_ms: int, needed_tokens: int, opts: RouteOptions,

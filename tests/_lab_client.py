@@ -101,6 +101,7 @@ def main() -> int:
                 say(event="done", tokens=out[0, prompt.shape[1]:].tolist(), route=route,
                     conns={peer: connection_kinds(host, peer) for peer in route},
                     client_relayed=any(link.relay for link in session.chain.links),
+                    rtts=dict(session.chain.config.route_options.client_rtts_ms),
                     failovers=session.chain.failovers, reopened=session.chain.reopened,
                     addrs={peer: list(r.record.addrs) for peer in route
                            if (r := model._model.view.state.get(peer_id_from_str(peer))) is not None})

@@ -141,6 +141,8 @@ def test_generation_through_two_nats_hole_punched_and_relayed(swarm, local) -> N
     assert done["failovers"] == 0
     # A pushed to B over its own relayed connection: the client relayed no step
     assert not done["client_relayed"], done
+    # the client measured both hops for its next routes, B's through the relay
+    assert set(done["rtts"]) == {swarm.ids["a"], swarm.ids["b"]}, done["rtts"]
 
 
 def test_a_relay_dies_mid_generation(swarm, local) -> None:

@@ -45,6 +45,16 @@ def test_uses_measured_rtts_between_servers():
     assert spans(route) == [(pid(0), 0, 4), (pid(2), 4, 8)]
 
 
+def test_uses_the_clients_measured_rtts():
+    """A server the client reaches through a relay measured slower: the direct one wins, and
+    without measurements the tie breaks on peer id as before."""
+    servers = [rec(0, 0, 8), rec(1, 0, 8)]
+    (tie,) = spans(choose_route(servers, 0, 8, now_ms=NOW))
+    other = pid(1) if tie[0] == pid(0) else pid(0)
+    measured = RouteOptions(client_rtts_ms={tie[0]: 90.0, other: 3.0})   # the tie's winner is relayed
+    assert spans(choose_route(servers, 0, 8, now_ms=NOW, options=measured)) == [(other, 0, 8)]
+
+
 def test_skips_draining_expired_full_and_blocked_servers():
     records = [rec(0, 0, 8, state=ServerState.DRAINING), rec(1, 0, 8, expires=NOW - 1),
                rec(2, 0, 8, free=10), rec(3, 0, 8), rec(4, 0, 8, rps=1.0)]
