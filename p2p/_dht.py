@@ -234,7 +234,7 @@ async def bootstrap(addrs: list[str], connect: Callable[[str], Awaitable[object]
                 while not dht.routing_table_peers():
                     await trio.sleep(0.02)
     if not connected:
-        logger.warning("no bootstrap peer reachable; running alone")
+        logger.warning("no bootstrap peer reachable")
     elif dht is not None:
         # In the background: the lookup asks peers it learns of, and one that does not answer
         # (a frozen process, a sleeping laptop) held the host's start for the whole deadline.

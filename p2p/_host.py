@@ -271,6 +271,9 @@ class Host:
         return await self.nat.connect_circuit(addr)
 
     async def _connect(self, info: PeerInfo) -> None:
+        # py-libp2p refuses to redial a peer for 60 s after a failed dial ("negative cache"):
+        # our callers decide when to try again (a liveness probe, a relay coming back)
+        self.libp2p.get_network().unblock_peer(info.peer_id)
         try:
             with trio.fail_after(DIAL_DEADLINE):
                 await self.libp2p.connect(info)
@@ -625,6 +628,7 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     def addrs_factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return host_ref[0]._advertised(candidates) if host_ref else list(candidates)
 
+    _check_ports_free(config.listen_addrs)
     h = new_libp2p_host(config.identity.key_pair, config.listen_addrs, addrs_factory, config.swarm_key)
     host = Host(config, h)
     host_ref.append(host)
@@ -665,6 +669,27 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     except BaseExceptionGroup as group:
         # py-libp2p's and our nurseries wrap whatever the body raised; hand it on as itself
         reraise_single(group)
+
+
+def _check_ports_free(listen_addrs: list[str]) -> None:
+    """py-libp2p's listener sets SO_REUSEPORT (hole punching dials from the listen port), so a
+    second process on the same port would listen too, silently sharing inbound connections
+    with the first. Refuse that: a plain bind (SO_REUSEADDR only, so TIME_WAIT leftovers of a
+    restart do not count) fails on a port someone listens on."""
+    for addr in listen_addrs:
+        ma = multiaddr.Multiaddr(addr)
+        port = int(ma.value_for_protocol("tcp"))
+        ip = _ip_of(ma)
+        if port == 0 or ip is None:
+            continue
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {addr}: port {port} is in use "
+                                         f"(another lamina process?)") from None
 
 
 # how a served stream ends when the peer (or the bytes it sent) ended it: not a bug of ours

@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 
 from ._expiring import ExpiringSet
 from ._punch import Punch, has_direct
-from ._reach import Reachability, ReachStatus, serve_dialback
+from ._reach import Reachability, ReachStatus, is_public_ip, serve_dialback
 from ._relay import RelayLimits, parse_circuit_addr, serve_relay, serve_stop
 from ._relay_client import Reservations, dial_circuit
 
@@ -114,7 +114,18 @@ class NatTraversal:
         circuits = self.circuits()
         if self.status == ReachStatus.RELAYED and circuits:
             return circuits
-        return direct + circuits
+        return self._public_addr(direct) + direct + circuits
+
+    def _public_addr(self, direct: list[str]) -> list[str]:
+        """The public address a dial-back reached us at, when none of ours says it: a node
+        behind a NAT with its port forwarded (and no --announce-addr) is dialable there only."""
+        reach = self.reach
+        if (reach is None or self.status != ReachStatus.DIRECT or reach.observed_ip is None
+                or reach.reached_port is None or not is_public_ip(reach.observed_ip)
+                or self._host.config.announce_addrs or any(f"/{reach.observed_ip}/" in a for a in direct)):
+            return []
+        family = "ip6" if ":" in reach.observed_ip else "ip4"
+        return [f"/{family}/{reach.observed_ip}/tcp/{reach.reached_port}/p2p/{self._host.peer_id_str}"]
 
     def set_relay_candidates(self, fn: Candidates) -> None:
         """Relays to reserve on, best first: (peer id, addresses) pairs."""

@@ -189,6 +189,7 @@ class Check:
     observed_ip: str | None
     lane_reachable: bool | None
     port_preserving: bool | None = None
+    reached_port: int | None = None
 
 
 def conclude(results: list[DialBackResult | None], local_ports: list[int | None] | None = None) -> Check | None:
@@ -203,8 +204,10 @@ def conclude(results: list[DialBackResult | None], local_ports: list[int | None]
     lane = any(lanes) if lanes else None
     kept = [r.observed_port == port for r, port in answered if r.observed_port is not None and port is not None]
     preserving = all(kept) if kept else None
-    if any(r.reached_port is not None for r, _ in answered):
-        return Check(ReachStatus.DIRECT, observed, lane, preserving)
+    reached = [r for r, _ in answered if r.reached_port is not None]
+    if reached:
+        best = next((r for r in reached if is_public_ip(r.observed_ip)), reached[0])
+        return Check(ReachStatus.DIRECT, best.observed_ip, lane, preserving, best.reached_port)
     if len(answered) >= FAILURES_NEEDED or (answered and len(answered) == len(results)):
         return Check(ReachStatus.RELAYED, observed, lane, preserving)
     return None
@@ -223,6 +226,7 @@ class Reachability:
         self.observed_ip: str | None = None
         self.lane_reachable: bool | None = None
         self.port_preserving: bool | None = None   # our NAT keeps source ports (None: not known)
+        self.reached_port: int | None = None       # the port a checker reached us at (DIRECT)
         self.checks = 0
         self.checked = trio.Event()   # set once a round has concluded (or found nobody to ask)
         self._changed = trio.Event()
@@ -278,6 +282,7 @@ class Reachability:
             self.lane_reachable = verdict.lane_reachable
         if verdict.port_preserving is not None:
             self.port_preserving = verdict.port_preserving
+        self.reached_port = verdict.reached_port
         if (self.status, self.observed_ip, self.lane_reachable, self.port_preserving) != before:
             logger.info("reachability: %s (seen as %s; lane port %s; NAT %s source ports)", self.status,
                         self.observed_ip, {True: "reachable", False: "unreachable", None: "unknown"}[self.lane_reachable],

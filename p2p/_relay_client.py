@@ -61,7 +61,7 @@ RESERVE_DEADLINE = DIAL_DEADLINE + 5.0  # connect to the relay + RESERVE
 RENEW_FRACTION = 0.5  # renew a reservation when this fraction of its TTL is left
 MIN_RENEW_DELAY = 1.0
 BACKOFF_MIN = 5.0  # a candidate that failed or refused is skipped this long, doubling per failure
-BACKOFF_MAX = 300.0
+BACKOFF_MAX = 60.0  # candidates are few, a retry costs one dial: a returning relay is used within a minute
 FLAP_WINDOW = 30.0  # a reservation lost sooner than this after it was made backs its relay off
 RECHECK_INTERVAL = 15.0  # below `want`, candidates() is asked again at least this often
 RELAY_PING_INTERVAL = 4.0  # each held relay is pinged this long after its last check ended
@@ -107,8 +107,14 @@ async def _hop_exchange(libp2p_host: Any, relay_id: ID, request: HopMessage) -> 
 
 
 async def _connect_relay(libp2p_host: Any, relay_id: ID, addrs: Sequence[multiaddr.Multiaddr]) -> None:
-    if libp2p_host.get_network().connections.get(relay_id):
+    network = libp2p_host.get_network()
+    if network.connections.get(relay_id):
         return
+    # py-libp2p refuses to redial a peer for 60 s after a failed dial; the backoff here decides
+    # when to try a relay again (a restarted bootstrap waited ~75 s for its slots otherwise)
+    unblock = getattr(network, "unblock_peer", None)
+    if unblock is not None:
+        unblock(relay_id)
     try:
         await libp2p_host.connect(PeerInfo(relay_id, list(addrs)))
     except Exception as exc:

@@ -417,7 +417,8 @@ class Chain:
         try:
             return await self._nursery.start(self._run_link, hop, nxt, may_relay)
         except (p2p.P2PError, trio.TooSlowError, OSError) as e:
-            log.info("cannot open a session on %s: %s", hop.peer_id, e)
+            log.info("cannot open a session on %s: %s", hop.peer_id,
+                     "timed out" if isinstance(e, trio.TooSlowError) else (str(e) or repr(e)))
             raise _OpenFailed(hop.peer_id) from e
 
     async def _run_link(self, hop: Hop, nxt: _Link | None, may_relay: bool,

@@ -395,3 +395,12 @@ async def test_expiring_set_forgets_members_after_their_ttl(mock_clock) -> None:
     mock_clock.jump(11)
     memory.add("d")
     assert len(memory._until) == 1 and "d" in memory
+
+
+async def test_a_port_in_use_is_refused(make_host) -> None:
+    """py-libp2p listens with SO_REUSEPORT: without a check, a second host on the same port
+    would listen too and silently take half of the first one's inbound connections."""
+    first = await make_host()
+    port = first.addrs()[0].split("/tcp/")[1].split("/")[0]
+    with pytest.raises(OSError, match="in use"):
+        await make_host(listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"])

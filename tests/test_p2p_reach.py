@@ -88,3 +88,20 @@ def test_conclude() -> None:
     assert conclude([seen, seen], [5000, 5000]).port_preserving is True
     assert conclude([seen, seen], [5000, 6000]).port_preserving is False      # a port changed
     assert conclude([seen, seen]).port_preserving is None                     # nothing to compare
+
+
+def test_a_forwarded_port_is_announced_at_the_address_that_reached_it() -> None:
+    """Behind a NAT with the port forwarded and no --announce-addr, the listen addresses are
+    private; the dial-back's observed IP and the port it reached are what others can dial."""
+    from types import SimpleNamespace
+
+    from p2p._nat import NatConfig, NatTraversal
+
+    host = SimpleNamespace(config=SimpleNamespace(announce_addrs=[]), peer_id_str="12D3KooWme")
+    nat = NatTraversal(host, NatConfig(enabled=True))
+    private = ["/ip4/192.168.1.2/tcp/4001/p2p/12D3KooWme"]
+    assert nat.advertised(private) == private                       # nothing checked yet
+    nat.reach = SimpleNamespace(status=ReachStatus.DIRECT, observed_ip="45.1.2.3", reached_port=4001)
+    assert nat.advertised(private) == ["/ip4/45.1.2.3/tcp/4001/p2p/12D3KooWme", *private]
+    nat.reach.status = ReachStatus.RELAYED
+    assert nat.advertised(private) == private
