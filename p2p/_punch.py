@@ -29,6 +29,8 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol, _local_tcp_listen_addrs
 
+from ._reach import is_public_ip
+
 logger = logging.getLogger("lamina.p2p")
 
 __all__ = ["Punch", "is_relayed", "has_direct"]
@@ -66,6 +68,26 @@ class _DCUtR(DCUtRProtocol):
 
     async def _get_observed_addrs(self) -> list[bytes]:
         return [multiaddr.Multiaddr(a).to_bytes() for a in self._predicted()]
+
+    async def _perform_hole_punch(self, peer_id: ID, addrs: list[multiaddr.Multiaddr],
+                                  as_responder: bool = False) -> bool:
+        """Dial rounds, only when our own NAT keeps ports: from a NAT that changes them, our
+        SYN leaves from a port the peer's NAT has no entry for (py-libp2p's responder side
+        would otherwise dial for ~21 s after the initiator gave up)."""
+        if not self._predicted():
+            return False
+        return await super()._perform_hole_punch(peer_id, addrs, as_responder)
+
+    async def _dial_peer(self, peer_id: ID, addr: multiaddr.Multiaddr, source: tuple[str, int] | None = None,
+                         as_responder: bool = False) -> None:
+        """Public addresses only: py-libp2p adds the peer's identify addresses, its private and
+        loopback ones among them, and 127.0.0.1:<port> reaches whatever listens on our own
+        machine at that port."""
+        ip = next((addr.value_for_protocol(p) for p in ("ip4", "ip6") if p in [x.name for x in addr.protocols()]),
+                  None)
+        if ip is None or not is_public_ip(ip):
+            return
+        await super()._dial_peer(peer_id, addr, source, as_responder)
 
 
 def predict(libp2p_host: Any, wan_ip: str | None, port_preserving: bool | None) -> list[str]:

@@ -170,13 +170,22 @@ def serve_dialback(host: Any) -> None:
         if endpoint is None:
             raise RemoteError("bad_request", "dial-back needs a direct connection (this one is relayed)")
         ip, seen_port = endpoint
-        reached: int | None = None
-        for port in request.ports:
-            if await dial_back(host.libp2p, ip, port, peer_id):
-                reached = port
-                break
-        lane = request.lane_port is not None and await _tcp_reaches(ip, request.lane_port)
-        return DialBackResult(ip, reached, lane, seen_port)
+        found: dict[int, bool] = {}
+        lane = [False]
+
+        async def libp2p_port(port: int) -> None:
+            found[port] = await dial_back(host.libp2p, ip, port, peer_id)
+
+        async def lane_port(port: int) -> None:
+            lane[0] = await _tcp_reaches(ip, port)
+
+        async with trio.open_nursery() as nursery:   # at once: behind a NAT each one times out
+            for port in request.ports:
+                nursery.start_soon(libp2p_port, port)
+            if request.lane_port is not None:
+                nursery.start_soon(lane_port, request.lane_port)
+        reached = next((port for port in request.ports if found.get(port)), None)
+        return DialBackResult(ip, reached, lane[0], seen_port)
 
     host.set_unary_handler(DIALBACK_PROTOCOL, handle, max_concurrent_per_peer=1, accepts=DialBackRequest)
 
