@@ -21,7 +21,6 @@ to a lane), `_dht` (the DHT, the routing table's seeding, bootstrap), `_session`
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from ._addrs import check_ports_free, ip_of, parse_tcp_addr, primary_ip
 from ._constants import (
     DEFAULT_MAX_CONCURRENT_PER_PEER,
     DIAL_DEADLINE,
@@ -94,23 +94,6 @@ def _as_peer_id(peer: PeerLike) -> ID:
     raise LocalProtocolError(f"not a peer id: {peer!r}")
 
 
-def _parse_tcp_addr(text: str, *, what: str, peer: str = "no") -> multiaddr.Multiaddr:
-    """Parse a TCP multiaddr; `peer` says whether a /p2p/<id> suffix is "no", "may" or "must"."""
-    try:
-        ma = multiaddr.Multiaddr(text)
-    except Exception as exc:
-        raise ValueError(f"{what}: invalid multiaddr {text!r}: {exc}") from exc
-    names = [p.name for p in ma.protocols()]
-    if len(names) < 2 or names[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or names[1] != "tcp" or names[2:] not in ([], ["p2p"]):
-        raise ValueError(f"{what}: {text!r} is not a TCP multiaddr (/ip4/<ip>/tcp/<port>[/p2p/<id>])")
-    has_peer = names[2:] == ["p2p"]
-    if peer == "must" and not has_peer:
-        raise ValueError(f"{what}: {text!r} needs a /p2p/<peer id> suffix")
-    if peer == "no" and has_peer:
-        raise ValueError(f"{what}: {text!r} must not have a /p2p/ suffix")
-    return ma
-
-
 @dataclass
 class HostConfig:
     """Everything `open_host` needs. Multiaddrs are strings; TCP only."""
@@ -144,11 +127,11 @@ class HostConfig:
         if not self.listen_addrs:
             raise ValueError("HostConfig.listen_addrs must not be empty")
         for a in self.listen_addrs:
-            _parse_tcp_addr(a, what="listen_addrs")
+            parse_tcp_addr(a, what="listen_addrs")
         for a in self.announce_addrs:
-            _parse_tcp_addr(a, what="announce_addrs", peer="may")
+            parse_tcp_addr(a, what="announce_addrs", peer="may")
         for a in self.bootstrap_peers:
-            _parse_tcp_addr(a, what="bootstrap_peers", peer="must")
+            parse_tcp_addr(a, what="bootstrap_peers", peer="must")
         if self.dht_mode not in ("auto", "server", "client"):
             raise ValueError("HostConfig.dht_mode must be 'auto', 'server' or 'client'")
         if self.swarm_key is not None and not isinstance(self.swarm_key, SwarmKey):
@@ -168,26 +151,6 @@ class _Handler:
     active: dict[ID, int] = field(default_factory=dict)
 
 
-def _primary_ip() -> str | None:
-    """The local IPv4 address of the default route, if any (no packet is sent)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routing lookup only
-            ip = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
-
-
-def _ip_of(ma: multiaddr.Multiaddr) -> str | None:
-    for proto in ("ip4", "ip6"):
-        try:
-            return ma.value_for_protocol(proto)
-        except Exception:
-            continue
-    return None
-
-
 class Host:
     """A running lamina host. Get one from `open_host`; it is valid inside that block only."""
 
@@ -201,7 +164,7 @@ class Host:
         self._on_connected: list[PeerCallback] = []
         self._on_disconnected: list[PeerCallback] = []
         self._nursery: trio.Nursery | None = None
-        self._primary_ip = _primary_ip()
+        self.primary_ip = primary_ip()
         self.lanes: LaneListener | None = None  # set while the lane listener is up
         self._unreachable_lanes = ExpiringSet(LANE_UNREACHABLE_TTL)  # (peer, ip) whose lane was not reached
         self.bootstrap_errors: dict[str, P2PError] = {}  # bootstrap peers that could not be dialled, why
@@ -227,8 +190,8 @@ class Host:
             text = str(ma)
             if text.startswith("/ip4/0.0.0.0/"):
                 rest = text[len("/ip4/0.0.0.0") :]
-                if self._primary_ip:
-                    out.append(multiaddr.Multiaddr(f"/ip4/{self._primary_ip}{rest}"))
+                if self.primary_ip:
+                    out.append(multiaddr.Multiaddr(f"/ip4/{self.primary_ip}{rest}"))
                 out.append(multiaddr.Multiaddr(f"/ip4/127.0.0.1{rest}"))
             elif text.startswith("/ip6/::/"):
                 out.append(multiaddr.Multiaddr(f"/ip6/::1{text[len('/ip6/::'):]}"))
@@ -254,7 +217,7 @@ class Host:
         `PeerBrokenError` (unreachable, wrong key, refused, no reservation at the relay)."""
         if is_circuit(addr):
             return await self._connect_circuit(addr)
-        ma = _parse_tcp_addr(addr, what="connect", peer="must")
+        ma = parse_tcp_addr(addr, what="connect", peer="must")
         info = PeerInfo(ID.from_base58(ma.value_for_protocol("p2p")), [ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{ma.value_for_protocol('p2p')}"))])
         if info.peer_id == self.peer_id:
             raise LocalProtocolError("cannot connect to ourselves")
@@ -300,7 +263,7 @@ class Host:
                 self.nat.remember_circuit(f"{relay_addr}/p2p/{relay}/p2p-circuit/p2p/{target}", ttl)
                 continue
             try:
-                ma = _parse_tcp_addr(addr, what="add_addrs", peer="may")
+                ma = parse_tcp_addr(addr, what="add_addrs", peer="may")
             except ValueError as exc:
                 raise LocalProtocolError(str(exc)) from None
             suffix = ma.value_for_protocol("p2p") if "/p2p/" in addr else None
@@ -524,7 +487,7 @@ class Host:
         direct = [a for a in addrs if not is_circuit(str(a))]
         circuits = self.nat.known_circuits(peer_id)
         if circuits:   # a peer behind a NAT: its private addresses (from identify) are not ours to dial
-            direct = [a for a in direct if is_public_ip(_ip_of(a) or "")]
+            direct = [a for a in direct if is_public_ip(ip_of(a) or "")]
         failure: P2PError | None = None
         logger.debug("dialling %s: direct %s, circuits %s", peer_id, [str(a) for a in direct], circuits)
         if direct:
@@ -628,7 +591,7 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     def addrs_factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return host_ref[0]._advertised(candidates) if host_ref else list(candidates)
 
-    _check_ports_free(config.listen_addrs)
+    check_ports_free(config.listen_addrs)
     h = new_libp2p_host(config.identity.key_pair, config.listen_addrs, addrs_factory, config.swarm_key)
     host = Host(config, h)
     host_ref.append(host)
@@ -645,14 +608,14 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
                             host.gossip = Gossip(h, config.gossip_topics, max_message_size=config.gossip_max_message_size)
                             await nursery.start(host.gossip.serve)
                         if config.enable_dht:
-                            our_ips = [ip for a in h.get_addrs() if (ip := _ip_of(a))]
-                            boot_ips = [ip for a in config.bootstrap_peers if (ip := _ip_of(multiaddr.Multiaddr(a)))]
+                            our_ips = [ip for a in h.get_addrs() if (ip := ip_of(a))]
+                            boot_ips = [ip for a in config.bootstrap_peers if (ip := ip_of(multiaddr.Multiaddr(a)))]
                             mode = resolve_dht_mode(config.dht_mode, our_ips, boot_ips, bool(config.announce_addrs))  # type: ignore[arg-type]
                             host.dht = DHT(h, mode)
                             await nursery.start(host.dht.serve)
                         if config.enable_lanes:
                             # on the host of the first listen address
-                            bind = _ip_of(multiaddr.Multiaddr(config.listen_addrs[0])) or "0.0.0.0"
+                            bind = ip_of(multiaddr.Multiaddr(config.listen_addrs[0])) or "0.0.0.0"
                             host.lanes = await start_lanes(bind, config.lane_port, nursery, host._swarm_key_bytes)
                         await nursery.start(host.nat.serve)
                         isolate_libp2p_handlers(h)
@@ -669,27 +632,6 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     except BaseExceptionGroup as group:
         # py-libp2p's and our nurseries wrap whatever the body raised; hand it on as itself
         reraise_single(group)
-
-
-def _check_ports_free(listen_addrs: list[str]) -> None:
-    """py-libp2p's listener sets SO_REUSEPORT (hole punching dials from the listen port), so a
-    second process on the same port would listen too, silently sharing inbound connections
-    with the first. Refuse that: a plain bind (SO_REUSEADDR only, so TIME_WAIT leftovers of a
-    restart do not count) fails on a port someone listens on."""
-    for addr in listen_addrs:
-        ma = multiaddr.Multiaddr(addr)
-        port = int(ma.value_for_protocol("tcp"))
-        ip = _ip_of(ma)
-        if port == 0 or ip is None:
-            continue
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((ip, port))
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {addr}: port {port} is in use "
-                                         f"(another lamina process?)") from None
 
 
 # how a served stream ends when the peer (or the bytes it sent) ended it: not a bug of ours
