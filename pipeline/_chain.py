@@ -413,13 +413,21 @@ class Chain:
         return links
 
     async def _open_link(self, hop: Hop, nxt: _Link | None, may_relay: bool) -> _Link:
+        """Open a session on hop's node. A stream that broke while the connection to the node
+        lives is tried once more (seen under heavy load: the node's watchdog gave up on a new
+        stream before our OpenSession arrived) before the node is routed around."""
         assert self._nursery is not None
-        try:
-            return await self._nursery.start(self._run_link, hop, nxt, may_relay)
-        except (p2p.P2PError, trio.TooSlowError, OSError) as e:
-            log.info("cannot open a session on %s: %s", hop.peer_id,
-                     "timed out" if isinstance(e, trio.TooSlowError) else (str(e) or repr(e)))
-            raise _OpenFailed(hop.peer_id) from e
+        for attempt in (1, 2):
+            try:
+                return await self._nursery.start(self._run_link, hop, nxt, may_relay)
+            except (p2p.P2PError, trio.TooSlowError, OSError) as e:
+                why = "timed out" if isinstance(e, trio.TooSlowError) else (str(e) or repr(e))
+                if attempt == 1 and isinstance(e, p2p.PeerBrokenError) and self.host.is_connected(hop.peer_id):
+                    log.info("opening a session on %s failed (%s); once more", hop.peer_id, why)
+                    continue
+                log.info("cannot open a session on %s: %s", hop.peer_id, why)
+                raise _OpenFailed(hop.peer_id) from e
+        raise AssertionError("unreachable")
 
     async def _run_link(self, hop: Hop, nxt: _Link | None, may_relay: bool,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
