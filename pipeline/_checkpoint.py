@@ -2,7 +2,9 @@
 
 A checkpoint is a local directory holding ``config.json`` and either one ``model.safetensors``
 or shards listed in ``model.safetensors.index.json``; a hub id (``org/name``) is resolved
-through the local Hugging Face cache. Nothing is fetched from the network.
+through the local Hugging Face cache. Nothing is fetched from the network. A GGUF file (or a
+directory holding one and no config.json) is a checkpoint too: ``Checkpoint(path)`` is then a
+`pipeline._gguf.GGUFCheckpoint`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         return path
     name = str(name_or_path)
     if path.exists():
+        if _gguf_file(path) is not None:
+            return path
         raise CheckpointNotFoundError(f"{name} is a file; a checkpoint is a directory")
     cache = hub_cache_dir()
     if name.count("/") == 1 and not name.startswith(("/", ".")):
@@ -73,7 +77,17 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         f"download it first (e.g. `huggingface-cli download {name}`) or pass a directory")
 
 
+def _gguf_file(name_or_path) -> Path | None:
+    from ._gguf import resolve_gguf
+
+    return resolve_gguf(name_or_path)
+
+
 def load_config(checkpoint: str | os.PathLike) -> ModelConfig:
+    if (gguf := _gguf_file(checkpoint)) is not None:
+        from ._gguf import GGUFFile
+
+        return GGUFFile.open(gguf).config
     path = resolve_checkpoint(checkpoint)
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -87,9 +101,14 @@ def load_config(checkpoint: str | os.PathLike) -> ModelConfig:
 
 def model_hash(checkpoint: str | os.PathLike) -> str:
     """Hex SHA-256 of the checkpoint's config.json, canonicalised (sorted keys, compact): the
-    same bytes as `crdt.ModelId.from_config(name, raw).config_hash`."""
+    same bytes as `crdt.ModelId.from_config(name, raw).config_hash`. For a GGUF file: the hash of
+    its metadata and tensor table (`pipeline._gguf.GGUFFile.model_hash`)."""
     import hashlib
 
+    if (gguf := _gguf_file(checkpoint)) is not None:
+        from ._gguf import GGUFFile
+
+        return GGUFFile.open(gguf).model_hash
     raw = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
     text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -97,6 +116,13 @@ def model_hash(checkpoint: str | os.PathLike) -> str:
 
 class Checkpoint:
     """Where each tensor of a checkpoint lives, read from headers only."""
+
+    def __new__(cls, name_or_path: str | os.PathLike | None = None, *args, **kwargs):
+        if cls is Checkpoint and name_or_path is not None and _gguf_file(name_or_path) is not None:
+            from ._gguf import GGUFCheckpoint
+
+            cls = GGUFCheckpoint
+        return super().__new__(cls)
 
     def __init__(self, name_or_path: str | os.PathLike) -> None:
         self.path = resolve_checkpoint(name_or_path)

@@ -1,13 +1,17 @@
-"""Text <-> token ids through the `tokenizers` library, when a checkpoint ships tokenizer.json."""
+"""Text <-> token ids through the `tokenizers` library, when a checkpoint ships tokenizer.json
+(or is a GGUF file: the tokenizer is then built from its vocabulary, see `pipeline._gguf`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 
 class Tokenizer:
+    chat_template: str | None = None   # a Jinja template (GGUF metadata or tokenizer_config.json)
+
     def __init__(self, path: str | os.PathLike) -> None:
         from tokenizers import Tokenizer as _Tok
 
@@ -26,11 +30,39 @@ class Tokenizer:
                 self.eos_token_ids = (self._tok.token_to_id(eos),)
             if bos is not None:
                 self.bos_token_id = self._tok.token_to_id(bos)
+            if isinstance(raw.get("chat_template"), str):
+                self.chat_template = raw["chat_template"]
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike) -> "Tokenizer | None":
+        """The checkpoint's tokenizer: its tokenizer.json, or a GGUF file's vocabulary."""
+        from ._gguf import resolve_gguf
+
+        if (gguf := resolve_gguf(directory)) is not None:
+            from ._errors import UnsupportedModelError
+            from ._gguf import GGUFFile
+
+            if GGUFFile.open(gguf).get("tokenizer.ggml.model") is None:
+                return None                    # a file without a vocabulary: token ids only
+            try:
+                return cls.from_gguf(gguf)
+            except UnsupportedModelError as e:   # the model still runs on token ids
+                warnings.warn(f"no tokenizer: {e}", stacklevel=2)
+                return None
         path = Path(directory) / "tokenizer.json"
         return cls(path) if path.is_file() else None
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Built from a GGUF file's vocabulary, merges and special tokens (byte-level BPE)."""
+        from ._gguf import GGUFFile, gguf_tokenizer
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._tok, info = gguf_tokenizer(GGUFFile.open(path))
+        self.eos_token_ids, self.bos_token_id = info.eos_token_ids, info.bos_token_id
+        self.chat_template = info.chat_template
+        return self
 
     @property
     def vocab_size(self) -> int:

