@@ -4,15 +4,24 @@ The callable runs every transformer block: a local `Span` with its cache, or a r
 nodes. The client head (embeddings, norm, LM head) stays here, so local and distributed
 generation share this code and the local model checks the remote chain in tests.
 
-Semantics follow Hugging Face ``generate``: processors in the order repetition penalty,
-temperature, top-k, top-p; finished rows are padded with ``pad_token_id`` (EOS when unset); a
-streamer gets the prompt first, then each new token, then ``end()``.
+Semantics follow Hugging Face ``generate``: the repetition penalty, then (sampling only) the
+warpers in HF's order temperature, top-k, top-p, min-p; finished rows (an EOS token, or a stop
+string completed) are padded with ``pad_token_id`` (the first EOS id when unset); a streamer
+gets the prompt first, then each new token, then ``end()``.
+
+Sampling draws from a per-call `torch.Generator` seeded with `seed` (a fresh random seed when
+unset; the global RNG is never touched) by inverse CDF: one uniform number per row and step, the
+token whose cumulative probability first exceeds it. The draw is plain arithmetic on the
+logits, so a seed gives the same tokens locally and through a swarm, on any machine whose
+logits agree.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generator, Iterable, Protocol
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generator, Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +36,16 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
+class TextDecoder(Protocol):
+    """What stop strings need of a tokenizer (lamina's `Tokenizer` or a transformers one)."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+# an option passed as None means what it means to transformers: that processor is off
+_NONE_MEANS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                   do_sample=False, max_new_tokens=20, stop_strings=())
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 20
@@ -34,37 +53,84 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    tokenizer: TextDecoder | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            return value
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
+        temperature = number("temperature")
+        if self.do_sample and not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}; "
+                             f"greedy decoding is do_sample=False")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if not 0 < number("top_p") <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not 0 <= number("min_p") <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < number("repetition_penalty") < math.inf:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not all(_is_int(e) and e >= 0 for e in self.eos_token_id):
+            raise ValueError(f"eos_token_id must be token ids (integers >= 0), got {self.eos_token_id!r}")
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
+            raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {self.pad_token_id!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=..., "
+                             "or use a model whose checkpoint has one")
 
     @classmethod
-    def build(cls, defaults_eos: Iterable[int] = (), **kwargs: Any) -> "GenerationConfig":
-        """From HF-style keyword arguments; eos may be an int, a list, or None (model default)."""
+    def build(cls, defaults_eos: Iterable[int] = (), default_tokenizer: TextDecoder | None = None,
+              **kwargs: Any) -> "GenerationConfig":
+        """From HF-style keyword arguments; eos may be an int, a list, or None (model default);
+        `stop_strings` a string or a list of them; another option given as None is off (as in
+        transformers: ``top_k=None`` does no top-k); `tokenizer` decodes for stop strings (the
+        model's own when not given)."""
         eos = kwargs.pop("eos_token_id", None)
         stop = kwargs.pop("stop_token_ids", None) or ()
         if eos is None:
             eos = tuple(defaults_eos)
-        elif isinstance(eos, int):
+        elif _is_int(eos):
             eos = (eos,)
-        kwargs["eos_token_id"] = tuple(int(e) for e in (*eos, *stop))
+        elif isinstance(eos, Tensor):
+            eos = tuple(eos.flatten().tolist())
+        if _is_int(stop):
+            stop = (stop,)
+        kwargs["eos_token_id"] = tuple(int(e) if _is_int(e) else e for e in (*eos, *stop))
+        for name, off in _NONE_MEANS.items():
+            if name in kwargs and kwargs[name] is None:
+                kwargs[name] = off
+        strings = kwargs.get("stop_strings", ())
+        kwargs["stop_strings"] = (strings,) if isinstance(strings, str) else tuple(strings)
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = default_tokenizer
         unknown = set(kwargs) - set(cls.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         return cls(**kwargs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def apply_repetition_penalty(logits: Tensor, ids: Tensor, penalty: float) -> Tensor:
@@ -92,16 +158,79 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
+def apply_min_p(logits: Tensor, p: float) -> Tensor:
+    """Drop the tokens less likely than `p` times the most likely one (HF's MinPLogitsWarper)."""
+    if p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    remove = probs < p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)   # always keep the most likely token
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def warp(logits: Tensor, cfg: GenerationConfig) -> Tensor:
+    """The sampling warpers in HF's order: temperature, top-k, top-p, min-p."""
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    return apply_min_p(apply_top_p(apply_top_k(logits, cfg.top_k), cfg.top_p), cfg.min_p)
+
+
+def new_generator(seed: int | None) -> torch.Generator:
+    """A generator of its own for one call: `seed`, or a fresh random seed (not the global RNG)."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def draw_uniform(generator: torch.Generator, rows: int) -> Tensor:
+    """The one uniform number in [0, 1) per row that a sampling step uses."""
+    return torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+
+
+def sample(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: per row, the first token whose cumulative probability exceeds
+    ``u * total``; never a token of probability 0."""
+    cdf = probs.double().cumsum(dim=-1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).long().argmax(dim=-1)   # last token with p > 0
+    return torch.minimum(token, last)
+
+
 def next_tokens(logits: Tensor, ids: Tensor, cfg: GenerationConfig,
                 generator: torch.Generator | None) -> Tensor:
     """Pick the next token per row from last-position logits [B, V]."""
     logits = apply_repetition_penalty(logits, ids, cfg.repetition_penalty)
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
-    logits = apply_top_p(apply_top_k(logits, cfg.top_k), cfg.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if generator is None:
+        generator = new_generator(cfg.seed)
+    probs = warp(logits, cfg).softmax(dim=-1)
+    return sample(probs, draw_uniform(generator, probs.shape[0]))
+
+
+class StopStrings:
+    """Per row: has the decoded text of the new tokens come to contain a stop string? Checked
+    after each token, so the token that completes one is the row's last (it is kept, as in
+    transformers). Only a window of the last tokens is decoded: a stop string of n UTF-8 bytes
+    lies within the last n tokens that decode to text, and a few more absorb a character split
+    across tokens at the window's start."""
+
+    def __init__(self, strings: Sequence[str], tokenizer: TextDecoder) -> None:
+        self.strings, self.tokenizer = tuple(strings), tokenizer
+        self.window = max(len(s.encode()) for s in self.strings) + 4
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def completed(self, new: Sequence[int]) -> bool:
+        """Whether the last of the `new` tokens completes a stop string."""
+        window = list(new[-self.window:])
+        text, before = self._decode(window), self._decode(window[:-1])
+        changed = len(os.path.commonprefix([text, before]))   # text from here on is the last token's
+        return any(text.find(s, max(0, changed - len(s) + 1)) >= 0 for s in self.strings)
 
 
 def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
@@ -117,15 +246,14 @@ def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
         raise ValueError(f"input_ids must be [batch, tokens] with at least one token, "
                          f"got {list(input_ids.shape)}")
     input_ids = input_ids.long().cpu()
-    generator = None
-    if cfg.do_sample:
-        generator = torch.Generator()
-        generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    generator = new_generator(cfg.seed) if cfg.do_sample else None
+    stops = StopStrings(cfg.stop_strings, cfg.tokenizer) if cfg.stop_strings else None
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.long)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     if streamer is not None:
         streamer.put(input_ids)
     ids = input_ids
+    prompt_len = ids.shape[1]
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     pos = start
     new_hidden = head.embed(input_ids)
@@ -140,8 +268,11 @@ def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
             streamer.put(token)
         if eos.numel():
             finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                break
+        if stops is not None:
+            for row in (~finished).nonzero().flatten().tolist():
+                finished[row] = stops.completed(ids[row, prompt_len:].tolist())
+        if bool(finished.all()):
+            break
         new_hidden = head.embed(token[:, None])
     if streamer is not None:
         streamer.end()
