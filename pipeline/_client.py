@@ -204,7 +204,7 @@ class AsyncDistributedModelForCausalLM:
     def _generation_request(self, input_ids: torch.Tensor | None, session: RemoteSession | None,
                             generation: dict[str, Any]) -> tuple[torch.Tensor, GenerationConfig]:
         """The checked ids and options of a generate call."""
-        cfg = GenerationConfig.build(self.config.eos_token_ids, **generation)
+        cfg = GenerationConfig.build(self.config.eos_token_ids, self.tokenizer, **generation)
         if input_ids is None:
             # continue a session from the token its last generate call produced
             if session is None or session.pending is None:
@@ -390,6 +390,13 @@ class DistributedModelForCausalLM:
 
         out = generate(step, model.head, run, cfg, streamer, start=start)
         return model._session_output(session, ids, run, out)
+
+    def chat(self, messages, max_new_tokens: int = 256, streamer=None, **options) -> str:
+        """The assistant's reply to `messages` through the model's chat template; see
+        `pipeline._chat.chat` (`streamer(text)` gets text chunks as they come)."""
+        from ._chat import chat
+
+        return chat(self, messages, max_new_tokens=max_new_tokens, streamer=streamer, **options)
 
     @contextmanager
     def inference_session(self, max_length: int | None = None, batch: int = 1) -> Iterator[RemoteSession]:

@@ -38,7 +38,14 @@ class LocalModelForCausalLM:
         return CausalLMOutput(self.head.logits(hidden))
 
     def generate(self, input_ids: Tensor, streamer: Streamer | None = None, **options) -> Tensor:
-        cfg = GenerationConfig.build(self.config.eos_token_ids, **options)
+        cfg = GenerationConfig.build(self.config.eos_token_ids, self.tokenizer, **options)
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         cache = self.span.new_cache(ids.shape[0], ids.shape[1] + cfg.max_new_tokens)
         return generate(lambda h, start: self.span(h, start, cache), self.head, ids, cfg, streamer)
+
+    def chat(self, messages, max_new_tokens: int = 256, streamer=None, **options) -> str:
+        """The assistant's reply to `messages` through the model's chat template; see
+        `pipeline._chat.chat` (`streamer(text)` gets text chunks as they come)."""
+        from ._chat import chat
+
+        return chat(self, messages, max_new_tokens=max_new_tokens, streamer=streamer, **options)

@@ -76,6 +76,33 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self._tok.id_to_token(int(token_id))
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.token_text(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.token_text(self.eos_token_ids[0]) if self.eos_token_ids else None
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> str:
+        """The conversation as the model's chat template renders it, as transformers'
+        ``apply_chat_template(..., tokenize=False)`` does: the same Jinja sandbox and options,
+        `raise_exception`, `strftime_now`, a non-escaping `tojson`, and the `bos_token` /
+        `eos_token` variables. Extra keyword arguments become template variables."""
+        from ._chat import render_chat_template
+
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model has no chat template (neither in its GGUF metadata nor in "
+                             "tokenizer_config.json)")
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **kwargs}
+        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
+                                    **{k: v for k, v in variables.items() if v is not None})
+
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
