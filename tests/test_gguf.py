@@ -342,3 +342,23 @@ def test_bad_gguf_inputs_are_clear_errors(tmp_path):
     assert type(Checkpoint(hf_dir)).__name__ == "Checkpoint"
     meta = json.loads((hf_dir / "config.json").read_text())
     assert meta["num_hidden_layers"] == 2
+
+
+@needs_smollm
+@pytest.mark.slow
+def test_greedy_tokens_through_a_three_node_swarm(smollm, tmp_path):
+    """The GGUF served by three `run-node` processes (10 blocks each): the same 32 greedy
+    tokens as the local model (which equals transformers above)."""
+    from pipeline import DistributedModelForCausalLM
+    from pipeline.launch import LocalSwarm
+
+    ids = torch.tensor([smollm.tokenizer.encode("Once upon a time, in a small village by the sea,")])
+    expected = assert_decisive(smollm, smollm.generate(ids, max_new_tokens=32, eos_token_id=[]), 32)
+    with LocalSwarm(SMOLLM, [(0, 10), (10, 20), (20, 30)], log_dir=tmp_path,
+                    extra_args=["--dtype", "float32"]) as swarm:
+        with DistributedModelForCausalLM.from_pretrained(SMOLLM, initial_peers=swarm.initial_peers,
+                                                         dtype="float32") as model:
+            with model.inference_session(max_length=ids.shape[1] + 32) as session:
+                out = model.generate(ids, max_new_tokens=32, eos_token_id=[], session=session)
+                assert [(h.start, h.end) for h in session.route] == [(0, 10), (10, 20), (20, 30)]
+    assert torch.equal(out, expected)
