@@ -56,8 +56,7 @@ from ._logging import quiet_libp2p_logging
 from ._pnet import SwarmKey, SwarmKeyError
 from ._nat import NatConfig
 from ._reach import ReachStatus, is_public_ip
-from ._relay import RelayLimits
-from ._punch import is_relayed
+from ._relay import RelayLimits, is_relayed
 from ._messages import REGISTRY, ErrorMessage, Goodbye, Heartbeat, Message, field, message, message_class
 from ._protocol import SessionProtocol
 from ._session import Session

@@ -30,21 +30,15 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol, _local_tcp_listen_addrs
 
 from ._reach import is_public_ip
+from ._relay import is_relayed
 
 logger = logging.getLogger("lamina.p2p")
 
-__all__ = ["Punch", "is_relayed", "has_direct"]
+__all__ = ["Punch", "has_direct"]
 
 PUNCH_DEADLINE = 15.0   # the whole upgrade: CONNECT, SYNC, up to 3 dial rounds
 PUNCH_DIAL_TIMEOUT = 5  # one simultaneous-open dial (py-libp2p's default: 10 s)
 REACH_WAIT = 8.0        # a punch right after start waits this long for our first dial-back check
-
-
-def is_relayed(conn: Any) -> bool:
-    try:
-        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses())
-    except Exception:
-        return False
 
 
 def has_direct(libp2p_host: Any, peer_id: ID) -> bool:

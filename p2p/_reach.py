@@ -35,6 +35,7 @@ from libp2p.peer.id import ID
 
 from ._errors import P2PError, RemoteError
 from ._messages import Message, field, message
+from ._relay import is_relayed
 
 logger = logging.getLogger("lamina.p2p")
 
@@ -88,9 +89,9 @@ def remote_endpoint(libp2p_host: Any, peer_id: ID) -> tuple[str, int] | None:
     """The (IP, port) of our direct connection to `peer_id` (None when relayed or not connected)."""
     for conn in libp2p_host.get_network().get_connections(peer_id):
         muxed = getattr(conn, "muxed_conn", conn)
+        if is_relayed(muxed):
+            continue
         try:
-            if any("p2p-circuit" in str(a) for a in muxed.get_transport_addresses()):
-                continue
             remote = muxed.get_remote_address()
         except Exception:
             continue

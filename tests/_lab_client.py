@@ -60,7 +60,7 @@ def relays_used(host, peer_id: str) -> list[str]:
 def connection_kinds(host, peer_id: str) -> list[str]:
     from libp2p.peer.id import ID
 
-    from p2p._punch import is_relayed
+    from p2p import is_relayed
 
     conns = host.libp2p.get_network().get_connections(ID.from_base58(peer_id))
     return ["relayed" if is_relayed(c) else "direct" for c in conns]
