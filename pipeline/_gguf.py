@@ -126,7 +126,12 @@ def gguf_name(name: str) -> str:
 def resolve_gguf(name_or_path: str | os.PathLike) -> Path | None:
     """The GGUF file `name_or_path` names: itself if it is one (by suffix or magic bytes), or the
     single ``*.gguf`` of a directory without a config.json; None when it is no GGUF checkpoint.
-    A directory holding several GGUF files is an error naming them."""
+    A directory holding several GGUF files is an error naming them. The embedded model's name
+    (``smollm2``, `pipeline._embedded`) is its installed file."""
+    from ._embedded import embedded_model_path, is_embedded_name
+
+    if is_embedded_name(name_or_path):
+        return embedded_model_path()
     try:
         path = Path(name_or_path).expanduser()
     except TypeError:

@@ -4,6 +4,10 @@ checkpoint run locally and through 2- and 3-node loopback swarms of real `run-no
 and the failover stall (SIGKILL of the serving middle node -> next token).
 
     python scripts/bench_swarm.py [--configs tiny,small] [--new-tokens 64] [--repeats 3]
+    python scripts/bench_swarm.py --model smollm2      # the embedded SmolLM2-135M-Instruct (GGUF)
+
+`--configs` names random-init test models written here (tiny, small) or `smollm2`, the embedded
+model (float32, as its quantized weights are dequantized to). `--model` is `--configs`.
 
 Threads: every process (the local baseline, each node, the client) runs torch with
 `--threads` intra-op threads (default 1), so the ratio measures what the network path costs,
@@ -34,11 +38,12 @@ from _splits import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM  # noqa: E402
+from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM, resolve_checkpoint  # noqa: E402
 from pipeline.launch import LocalSwarm  # noqa: E402
 from pipeline.tiny import write_tiny_model  # noqa: E402
 
-FAILOVER = {"tiny": [(0, 3), (3, 6), (3, 6), (6, 8)], "small": [(0, 6), (6, 11), (6, 11), (11, 16)]}
+FAILOVER = {"tiny": [(0, 3), (3, 6), (3, 6), (6, 8)], "small": [(0, 6), (6, 11), (6, 11), (11, 16)],
+            "smollm2": [(0, 10), (10, 20), (10, 20), (20, 30)]}
 
 
 def run(generate, prompt, new_tokens, repeats):
@@ -62,9 +67,13 @@ def bench_config(name: str, path: Path, args) -> dict:
     ttft, decode, expected = run(local.generate, prompt, args.new_tokens, args.repeats)
     result["local"] = {"ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1)}
     for n, spans in SPLITS[name].items():
+        t0 = time.perf_counter()
         with LocalSwarm(path, spans, threads=args.threads) as swarm, \
                 DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
-            run(model.generate, prompt, 4, 1)                                # warm up connections
+            up = time.perf_counter() - t0
+            clock = TokenClock()
+            model.generate(prompt, max_new_tokens=4, eos_token_id=[], streamer=clock)  # warms connections
+            cold = clock.times[0] - t0
             # Local and swarm runs alternate (the nodes idle during local runs), so a drift in
             # the machine's speed (a shared VM's is large) hits both sides of the ratio alike.
             best = {"local": (float("inf"), 0.0), "swarm": (float("inf"), 0.0)}
@@ -81,6 +90,7 @@ def bench_config(name: str, path: Path, args) -> dict:
         (ttft, decode), (local_ttft, local_decode) = best["swarm"], best["local"]
         result[f"swarm_{n}"] = {
             "ttft_ms": round(ttft * 1e3, 1), "decode_tok_s": round(decode, 1),
+            "swarm_start_s": round(up, 2), "start_to_first_token_s": round(cold, 2),
             "local_alternating_decode_tok_s": round(local_decode, 1),
             "decode_ratio_vs_local": round(decode / local_decode, 2),
             "decode_ratio_paired_median": round(statistics.median(pairs), 2),
@@ -118,7 +128,7 @@ def failover(path: Path, spans, prompt, expected, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="tiny,small")
+    ap.add_argument("--configs", "--model", default="tiny,small")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
@@ -128,7 +138,7 @@ def main() -> None:
            "torch": torch.__version__, "configs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
-            path = write_tiny_model(Path(tmp) / name, name)
+            path = resolve_checkpoint(name) if name == "smollm2" else write_tiny_model(Path(tmp) / name, name)
             out["configs"][name] = bench_config(name, path, args)
     print(json.dumps(out, indent=2))
 
