@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +32,10 @@ class NodeStartError(RuntimeError):
 
 
 def run_node_command() -> list[str]:
-    exe = shutil.which("run-node")
-    return [exe] if exe else [sys.executable, "-m", "node"]
+    """This interpreter's `run-node` (beside it in its bin directory), never another one found
+    on PATH: a different environment may hold another checkout's lamina."""
+    exe = Path(sys.executable).parent / "run-node"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "node"]
 
 
 @dataclass

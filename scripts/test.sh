@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs test dependencies and runs the whole suite. `.ci/run` calls exactly this.
+# Installs lamina and its test dependencies (into .venv) and runs the whole suite. `.ci/run`
+# calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
-python3 -m pytest -q -p no:cacheprovider "$@"
+export PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
