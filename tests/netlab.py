@@ -504,6 +504,37 @@ class NatLab:
         _run("ip", "-n", netns, "route", "add", "default", "via", BACKBONE)
 
 
+_LINKEMU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "linkemu.py")
+
+
+def shape(host: LabHost, delay_ms: float, *, jitter_ms: float = 0.0, loss: float = 0.0,
+          rate_mbit: float | None = None, limit_bytes: int = 1 << 20, seed: int | None = None) -> subprocess.Popen:
+    """Everything `host` sends from now on goes through an emulated link (tests/linkemu.py):
+    held `delay_ms` (+- `jitter_ms`), lost with probability `loss`, serialized at `rate_mbit`.
+    Shape every host of a lab with delay d and any two of them see a one-way latency of d (an
+    RTT of 2d). The emulator runs inside the host's namespace (the lab's close kills it);
+    killing the returned process cuts the host's outbound traffic. Once per host."""
+    dev = "lemu0"
+    _run("ip", "-n", host.netns, "tuntap", "add", "dev", dev, "mode", "tun")
+    _run("ip", "netns", "exec", host.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+         "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{dev}.rp_filter=0", f"net.ipv4.conf.{dev}.accept_local=1")
+    argv = [sys.executable, _LINKEMU, "--dev", dev, "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms),
+            "--loss", str(loss), "--limit-bytes", str(limit_bytes)]
+    argv += ["--rate-mbit", str(rate_mbit)] if rate_mbit else []
+    argv += ["--seed", str(seed)] if seed is not None else []
+    proc = host.popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if read_line(proc, timeout=30) != "ready":
+            raise RuntimeError(f"the link emulator of {host.name or host.netns} did not start")
+        _run("ip", "-n", host.netns, "link", "set", dev, "up")
+        _run("ip", "-n", host.netns, "route", "add", "default", "dev", dev, "table", "100", "src", host.ip)
+        _run("ip", "-n", host.netns, "rule", "add", "iif", "lo", "lookup", "100", "pref", "100")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def skip_unless_nat_lab() -> None:
     """Skip the calling test, saying why, where `NatLab` cannot run; with LAMINA_REQUIRE_NETLAB=1
     in the environment (for CI, where it must run) fail it instead."""
