@@ -508,12 +508,27 @@ _LINKEMU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "linkemu.py"
 
 
 def shape(host: LabHost, delay_ms: float, *, jitter_ms: float = 0.0, loss: float = 0.0,
-          rate_mbit: float | None = None, limit_bytes: int = 1 << 20, seed: int | None = None) -> subprocess.Popen:
-    """Everything `host` sends from now on goes through an emulated link (tests/linkemu.py):
-    held `delay_ms` (+- `jitter_ms`), lost with probability `loss`, serialized at `rate_mbit`.
-    Shape every host of a lab with delay d and any two of them see a one-way latency of d (an
-    RTT of 2d). The emulator runs inside the host's namespace (the lab's close kills it);
-    killing the returned process cuts the host's outbound traffic. Once per host."""
+          rate_mbit: float | None = None, limit_bytes: int = 1 << 20, seed: int | None = None,
+          emulator: str = "auto") -> subprocess.Popen | None:
+    """Everything `host` sends from now on goes through an emulated link: held `delay_ms`
+    (+- `jitter_ms`), lost with probability `loss`, serialized at `rate_mbit`. Shape every host
+    of a lab with delay d and any two of them see a one-way latency of d (an RTT of 2d).
+    `emulator`: "netem" (the kernel's qdisc on the host's eth0), "user" (tests/linkemu.py, in
+    the host's namespace: returned; the lab's close kills it, and killing it cuts the host's
+    outbound traffic), or "auto": netem where the kernel has it, else user. Once per host."""
+    if emulator not in ("auto", "netem", "user"):
+        raise ValueError(f"emulator must be auto, netem or user, not {emulator!r}")
+    if emulator != "user":
+        argv = ["tc", "-n", host.netns, "qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{delay_ms}ms"]
+        argv += [f"{jitter_ms}ms"] if jitter_ms else []
+        argv += ["loss", f"{loss * 100}%"] if loss else []
+        argv += ["rate", f"{rate_mbit}mbit"] if rate_mbit else []
+        argv += ["limit", str(max(1, limit_bytes // 1500))]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            return None
+        if emulator == "netem":
+            raise LabError(done.returncode, argv, done.stdout, done.stderr)
     dev = "lemu0"
     _run("ip", "-n", host.netns, "tuntap", "add", "dev", dev, "mode", "tun")
     _run("ip", "netns", "exec", host.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1",

@@ -62,8 +62,8 @@ def test_bad_parameters():
 @pytest.mark.slow
 def test_ping_sees_twice_the_delay(nat_lab):
     a, b = nat_lab.add_public_host("a"), nat_lab.add_public_host("b")
-    shape(a, 25)
-    shape(b, 25)
+    assert shape(a, 25, emulator="user") is not None
+    shape(b, 25, emulator="user")
     out = a.run(["ping", "-n", "-c", "20", "-i", "0.05", b.ip], timeout=60)
     rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
     assert len(rtts) == 20
@@ -90,7 +90,7 @@ c.close()
 @pytest.mark.slow
 def test_rate_limits_a_transfer(nat_lab):
     a, b = nat_lab.add_public_host("a"), nat_lab.add_public_host("b")
-    shape(a, 2, rate_mbit=20)
+    shape(a, 2, rate_mbit=20, emulator="user")
     sink = b.popen_python(SINK)
     try:
         assert read_line(sink) == "up"
