@@ -32,10 +32,10 @@ Network-level constants (deadlines, heartbeat, frame size) live in `p2p.constant
 """
 
 from . import _constants as constants
-from ._dht import DHT, PeerRecord, provider_key, resolve_dht_mode
 from ._errors import (
     EndOfSession,
     ErrorCode,
+    LaminaError,
     LocalProtocolError,
     P2PError,
     PeerBrokenError,
@@ -48,20 +48,43 @@ from ._errors import (
     RemoteProtocolError,
     UnsupportedProtocolError,
 )
-from ._expiring import ExpiringSet
-from ._gossip import Gossip, GossipMessage, GossipSubscription
-from ._host import Host, HostConfig, PeerCallback, SessionHandler, UnaryHandler, open_host, serve_host
-from ._identity import Identity, peer_id_from_public_key, verify_signature
-from ._logging import quiet_libp2p_logging
-from ._pnet import SwarmKey, SwarmKeyError
-from ._nat import NatConfig
-from ._reach import ReachStatus, is_public_ip
-from ._relay import RelayLimits, is_relayed
-from ._messages import REGISTRY, ErrorMessage, Goodbye, Heartbeat, Message, field, message, message_class
-from ._protocol import SessionProtocol
-from ._session import Session
-from ._tensor import DTYPE_SIZES, Tensor
-from ._wire import FrameDecoder, decode_body, encode, encode_bytes
+
+# Everything else loads on first use: the host pulls in py-libp2p (about 1.5 s to import), and
+# `pipeline`'s engine imports this package only for the error classes above (`LaminaError`).
+_LAZY = {
+    "._dht": ("DHT", "PeerRecord", "provider_key", "resolve_dht_mode"),
+    "._expiring": ("ExpiringSet",),
+    "._gossip": ("Gossip", "GossipMessage", "GossipSubscription"),
+    "._host": ("Host", "HostConfig", "PeerCallback", "SessionHandler", "UnaryHandler", "open_host", "serve_host"),
+    "._identity": ("Identity", "peer_id_from_public_key", "verify_signature"),
+    "._logging": ("quiet_libp2p_logging",),
+    "._pnet": ("SwarmKey", "SwarmKeyError"),
+    "._nat": ("NatConfig",),
+    "._reach": ("ReachStatus", "is_public_ip"),
+    "._relay": ("RelayLimits", "is_relayed"),
+    "._messages": ("REGISTRY", "ErrorMessage", "Goodbye", "Heartbeat", "Message", "field", "message",
+                   "message_class"),
+    "._protocol": ("SessionProtocol",),
+    "._session": ("Session",),
+    "._tensor": ("DTYPE_SIZES", "Tensor"),
+    "._wire": ("FrameDecoder", "decode_body", "encode", "encode_bytes"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2p' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value   # later lookups are plain attribute reads (hot paths use p2p.Tensor)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
 
 __all__ = [
     "constants",
@@ -111,6 +134,7 @@ __all__ = [
     "GossipMessage",
     "GossipSubscription",
     # errors
+    "LaminaError",
     "P2PError",
     "ProtocolError",
     "LocalProtocolError",

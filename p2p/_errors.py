@@ -17,7 +17,13 @@ application error code (``"busy"``, ``"bad_request"`` ...). Handlers raise it to
 from __future__ import annotations
 
 
-class P2PError(Exception):
+class LaminaError(Exception):
+    """Base of every error lamina raises on purpose, in every package: `except LaminaError`
+    catches what the p2p layer, the model engine and the client raise. It lives here, in the
+    lowest layer, so that `P2PError` can be one; `pipeline.LaminaError` is this class."""
+
+
+class P2PError(LaminaError):
     """Base of every error the p2p layer raises on purpose."""
 
 

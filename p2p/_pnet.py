@@ -51,6 +51,7 @@ from libp2p.protocol_muxer.exceptions import MultiselectClientError, Multiselect
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from ._constants import PNET_HANDSHAKE_DEADLINE
+from ._errors import LaminaError
 
 logger = logging.getLogger("lamina.p2p")
 
@@ -72,7 +73,7 @@ _NEGOTIATION_ERRORS = (SecurityUpgradeFailure, MultiselectError, MultiselectClie
 _GENERATE_HINT = "create one with `lamina-swarm-key --out FILE` and copy it to every peer"
 
 
-class SwarmKeyError(ValueError):
+class SwarmKeyError(LaminaError, ValueError):
     """A swarm key file is missing, unreadable or not in the swarm.key format."""
 
 
@@ -316,6 +317,11 @@ def dial_failure(exc: BaseException) -> str:
         return f"it has no swarm key, so it is not in this private swarm; {_CHECK_KEYS}"
     if pnet is not None or any(isinstance(e, _NEGOTIATION_ERRORS) for e in found):
         return f"the handshake failed; if this is a private swarm, {_CHECK_KEYS}"
+    if any(isinstance(e, ConnectionRefusedError) for e in found):
+        return "the connection was refused (nothing listens at that address: is the node running?)"
+    system = next((e for e in found if isinstance(e, OSError) and e.errno), None)
+    if system is not None:      # no route to host, network unreachable, timed out ...
+        return f"{os.strerror(system.errno).lower()} ({system})"
     return str(exc)
 
 

@@ -64,25 +64,27 @@ def _input_ids(args, tokenizer):
 
 
 class _PrintStreamer:
-    """Prints new tokens as they come: text with a tokenizer, else ids separated by spaces."""
+    """Prints new tokens as they come: text with a tokenizer (each token's piece as soon as it
+    is whole, see `IncrementalDecoder`), else ids separated by spaces."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.first, self.ids, self.shown = tokenizer, True, [], ""
+        from ._streamers import IncrementalDecoder
+
+        self.first = True
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
 
     def put(self, value):
         if self.first:
             self.first = False
             return
-        self.ids.append(int(value.reshape(-1)[0]))
-        if self.tokenizer is None:
-            print(self.ids[-1], end=" ", flush=True)
-            return
-        text = self.tokenizer.decode(self.ids)
-        print(text[len(self.shown):], end="", flush=True)
-        self.shown = text
+        token = int(value.reshape(-1)[0])
+        if self.decoder is None:
+            print(token, end=" ", flush=True)
+        else:
+            print(self.decoder.step(token), end="", flush=True)
 
     def end(self):
-        print(flush=True)
+        print(self.decoder.flush() if self.decoder is not None else "", flush=True)
 
 
 def _generate(args) -> int:

@@ -13,6 +13,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ._errors import InvalidInputError, LaminaError
+from ._streamers import TextStreamer
+
 Message = dict[str, Any]
 
 # End-of-turn tokens of common templates: a generation stops on one when the template uses it
@@ -66,7 +69,7 @@ def render_chat_template(template: str, messages: Sequence[Message], *,
     """Render `template` over `messages` (dicts with "role" and "content")."""
     for m in messages:
         if not isinstance(m, dict):
-            raise TypeError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+            raise InvalidInputError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
     return _compile(template).render(messages=[dict(m) for m in messages], tools=tools,
                                      documents=documents,
                                      add_generation_prompt=add_generation_prompt, **variables)
@@ -82,24 +85,23 @@ def stop_token_ids(tokenizer, eos_token_ids: Iterable[int] = ()) -> tuple[int, .
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-class TextStreamer:
-    """A generation streamer that hands text chunks to `on_text` as tokens come: it skips the
-    prompt and the stop tokens, and holds back a chunk that ends inside a multi-byte character
-    (decoded as U+FFFD) until the next token completes it. `should_stop()` true aborts the
-    generation at the next token (`ReplyInterrupted`); the text so far stays in `text`."""
+class ReplyStreamer(TextStreamer):
+    """A generation streamer that hands the reply's text to `on_text` in pieces as tokens come
+    (never half a character, see `IncrementalDecoder`): it skips the prompt and the stop
+    tokens. `should_stop()` true aborts the generation at the next token (`ReplyInterrupted`);
+    the text so far stays in `text`."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], Any] | None = None,
                  stop_ids: Iterable[int] = (), should_stop: Callable[[], bool] | None = None) -> None:
-        self.tokenizer, self.on_text, self.should_stop = tokenizer, on_text, should_stop
+        super().__init__(tokenizer, skip_prompt=True)
+        self.on_text, self.should_stop = on_text, should_stop
         self.stop_ids = set(stop_ids)
-        self.ids: list[int] = []
         self.text = ""          # the text handed out so far
         self.stopped = False    # a stop token came
-        self._prompt = True
 
     def put(self, value: torch.Tensor) -> None:
-        if self._prompt:
-            self._prompt = False
+        if self.next_tokens_are_prompt:
+            super().put(value)
             return
         if self.should_stop is not None and self.should_stop():
             raise ReplyInterrupted(self.text)
@@ -109,36 +111,30 @@ class TextStreamer:
         if token in self.stop_ids:
             self.stopped = True
             return
-        self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
-            return              # an incomplete UTF-8 sequence: wait for the rest of it
-        self._emit(full)
+        super().put(value.reshape(-1)[:1])
 
-    def end(self) -> None:
-        self._emit(self.tokenizer.decode(self.ids))
-
-    def _emit(self, full: str) -> None:
-        if full.startswith(self.text):
-            chunk = full[len(self.text):]
-        else:                   # decoding changed earlier text (rare): hand out only what is new
-            common = 0
-            while common < min(len(full), len(self.text)) and full[common] == self.text[common]:
-                common += 1
-            chunk = full[max(common, len(self.text)):] if len(full) > len(self.text) else ""
-        if not chunk:
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not text:
             return
-        self.text += chunk
+        self.text += text
         if self.on_text is not None:
-            self.on_text(chunk)
+            self.on_text(text)
 
 
-class ReplyInterrupted(Exception):
+class ReplyInterrupted(LaminaError):
     """A reply stopped by `should_stop`; `partial` is the text made until then."""
 
     def __init__(self, partial: str) -> None:
-        super().__init__("reply interrupted")
+        super().__init__("the reply was interrupted")
         self.partial = partial
+
+
+def _file_eos(model) -> tuple[int, ...]:
+    """The eos ids of the model's generation_config.json (an instruct model's end-of-turn ids)."""
+    eos = getattr(model, "generation_defaults", {}).get("eos_token_id")
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(eos)
 
 
 def context_length(model, limit: int | None = None) -> int:
@@ -148,7 +144,8 @@ def context_length(model, limit: int | None = None) -> int:
 
 def fit_messages(tokenizer, messages: Sequence[Message], budget: int) -> list[Message]:
     """`messages` without their oldest turns (system messages kept) until the rendered prompt
-    takes at most `budget` tokens; raises ValueError when the last message alone does not fit."""
+    takes at most `budget` tokens; raises `InvalidInputError` (a ValueError) when the last
+    message alone does not fit."""
     msgs = list(messages)
     while True:
         n = len(tokenizer.encode(tokenizer.apply_chat_template(msgs), add_special_tokens=False))
@@ -156,8 +153,8 @@ def fit_messages(tokenizer, messages: Sequence[Message], budget: int) -> list[Me
             return msgs
         drop = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
         if drop is None:
-            raise ValueError(f"the conversation's last message does not fit the context "
-                             f"({n} tokens, {budget} allowed)")
+            raise InvalidInputError(f"the conversation's last message does not fit the context "
+                                    f"({n} tokens, {budget} allowed)")
         del msgs[drop]
         # a turn starts with a user message: drop the replies left without their question
         while drop < len(msgs) - 1 and msgs[drop].get("role") not in ("user", "system"):
@@ -167,8 +164,9 @@ def fit_messages(tokenizer, messages: Sequence[Message], budget: int) -> list[Me
 def chat(model, messages: Sequence[Message], *, max_new_tokens: int = 256,
          streamer: Callable[[str], Any] | None = None, should_stop: Callable[[], bool] | None = None,
          context: int | None = None, return_interrupted: bool = True, **sampling: Any) -> str:
-    """The assistant's reply to `messages` (greedy unless ``do_sample=True``; other keyword
-    arguments are `generate`'s sampling options). `streamer(text)` gets the reply's text in
+    """The assistant's reply to `messages` (sampling as the model's generation_config.json
+    says, else greedy, unless ``do_sample`` is given; other keyword arguments are `generate`'s
+    sampling options). `streamer(text)` gets the reply's text in
     chunks as tokens come. The reply ends at the model's eos or the template's end-of-turn token,
     or after `max_new_tokens`. Oldest turns are left out when the conversation would overflow
     `context` tokens (default: the model's context length, prompt + `max_new_tokens`).
@@ -176,16 +174,16 @@ def chat(model, messages: Sequence[Message], *, max_new_tokens: int = 256,
     so far is returned (or `ReplyInterrupted` raised, with ``return_interrupted=False``)."""
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer: chat needs one")
+        raise InvalidInputError("this model has no tokenizer: chat needs one")
     budget = context_length(model, context) - max_new_tokens
     if budget < 1:
-        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
-                         f"{context_length(model, context)} tokens of context")
+        raise InvalidInputError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
+                                f"{context_length(model, context)} tokens of context")
     msgs = fit_messages(tokenizer, messages, budget)
     prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
-    stops = stop_token_ids(tokenizer, model.config.eos_token_ids)
-    text = TextStreamer(tokenizer, streamer, stops, should_stop)
+    stops = stop_token_ids(tokenizer, (*model.config.eos_token_ids, *_file_eos(model)))
+    text = ReplyStreamer(tokenizer, streamer, stops, should_stop)
     try:
         model.generate(ids, streamer=text, max_new_tokens=max_new_tokens,
                        eos_token_id=list(stops), **sampling)

@@ -1,8 +1,20 @@
-"""Errors raised by the model engine and the client library, named by meaning."""
+"""Errors raised by the model engine and the client library, named by meaning.
 
+`LaminaError` is the root of every error lamina raises on purpose, the p2p layer's included
+(`p2p.P2PError` is one); it is defined in `p2p._errors`, the lowest layer, and is the same class
+here. Errors about a caller's arguments are also `ValueError` or `TypeError`, as Python's own
+would be, so code written for transformers that catches those keeps working.
+"""
 
-class LaminaError(Exception):
-    """Base of every error lamina raises on purpose."""
+import queue
+
+from p2p._errors import LaminaError
+
+__all__ = [
+    "LaminaError", "ModelLoadError", "CheckpointNotFoundError", "ConfigError", "UnsupportedModelError",
+    "InvalidSpanError", "UnsupportedDtypeError", "CacheError", "InvalidOptionError", "UnknownOptionError",
+    "InvalidInputError", "ChatTemplateError", "SwarmUnavailableError", "ModelClosedError", "StreamTimeoutError",
+]
 
 
 class ModelLoadError(LaminaError):
@@ -31,3 +43,33 @@ class UnsupportedDtypeError(LaminaError, ValueError):
 
 class CacheError(LaminaError, ValueError):
     """A step does not fit the session's KV cache (positions, batch, length)."""
+
+
+class InvalidOptionError(LaminaError, ValueError):
+    """An option has a value lamina cannot use (out of range, contradicting another option)."""
+
+
+class UnknownOptionError(LaminaError, TypeError):
+    """An option lamina does not know, or one of transformers' that it does not implement."""
+
+
+class InvalidInputError(LaminaError, ValueError, TypeError):
+    """An input is not what the call needs: input ids or an attention mask of the wrong shape,
+    type or range, chat messages that are not dicts (a `TypeError` too, for either habit)."""
+
+
+class ChatTemplateError(InvalidInputError):
+    """The model has no chat template, or its template refused the messages."""
+
+
+class SwarmUnavailableError(LaminaError):
+    """The swarm could not be reached, does not serve this model, or the connection to it failed."""
+
+
+class ModelClosedError(LaminaError):
+    """The model (or an inference session of it) was closed; it can no longer run anything."""
+
+
+class StreamTimeoutError(LaminaError, queue.Empty, TimeoutError):
+    """A text streamer's iterator waited longer than its `timeout` for the next piece of text
+    (a `queue.Empty`, as transformers' `TextIteratorStreamer` raises, and a `TimeoutError`)."""

@@ -5,9 +5,12 @@ nodes. The client head (embeddings, norm, LM head) stays here, so local and dist
 generation share this code and the local model checks the remote chain in tests.
 
 Semantics follow Hugging Face ``generate``: the repetition penalty, then (sampling only) the
-warpers in HF's order temperature, top-k, top-p, min-p; finished rows (an EOS token, or a stop
-string completed) are padded with ``pad_token_id`` (the first EOS id when unset); a streamer
-gets the prompt first, then each new token, then ``end()``.
+warpers in HF's order temperature, top-k, top-p, min-p; eos ids are suppressed until
+``min_new_tokens`` new tokens (HF's MinNewTokensLengthLogitsProcessor); finished rows (an EOS
+token, a stop string completed, a stopping criterion true) are padded with ``pad_token_id``
+(the first EOS id when unset); a streamer gets the prompt first, then each new token, then
+``end()``. ``max_length`` counts the prompt, ``max_new_tokens`` only the new tokens (and wins
+when both are given).
 
 Sampling draws from a per-call `torch.Generator` seeded with `seed` (a fresh random seed when
 unset; the global RNG is never touched) by inverse CDF: one uniform number per row and step, the
@@ -21,11 +24,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Generator, Iterable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Generator, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from ._errors import InvalidOptionError
+from ._genconfig import check_options, known_options, merge, options_of
+from ._inputs import as_batch
 from ._model import ClientHead
 
 StepFn = Callable[[Tensor, int], Tensor]   # (hidden [B, T, D], start position) -> hidden [B, T, D]
@@ -41,14 +47,18 @@ class TextDecoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+# (input_ids [B, T], scores [B, V]) -> bool, or a bool tensor [B]: transformers' StoppingCriteria
+StoppingCriterion = Callable[[Tensor, Tensor], Any]
+
 # an option passed as None means what it means to transformers: that processor is off
 _NONE_MEANS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                   do_sample=False, max_new_tokens=20, stop_strings=())
+                   do_sample=False, stop_strings=(), min_new_tokens=0, stopping_criteria=())
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 20
+    min_new_tokens: int = 0              # eos ids are suppressed until this many new tokens
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50
@@ -59,52 +69,66 @@ class GenerationConfig:
     pad_token_id: int | None = None
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
+    stopping_criteria: tuple[StoppingCriterion, ...] = field(default=(), compare=False, repr=False)
     tokenizer: TextDecoder | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise InvalidOptionError(f"{name} must be a number, got {value!r}")
             return value
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+            raise InvalidOptionError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise InvalidOptionError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if not all(callable(c) for c in self.stopping_criteria):
+            raise InvalidOptionError("stopping_criteria must be callables (input_ids, scores) -> bool "
+                                     "or a bool tensor per row, as transformers' StoppingCriteria")
         if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
+            raise InvalidOptionError(f"do_sample must be True or False, got {self.do_sample!r}")
         temperature = number("temperature")
         if self.do_sample and not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}; "
-                             f"greedy decoding is do_sample=False")
+            raise InvalidOptionError(f"temperature must be > 0 when sampling (do_sample=True), got "
+                                     f"{temperature}; greedy decoding is do_sample=False")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise InvalidOptionError(f"temperature must be >= 0, got {temperature}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+            raise InvalidOptionError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not 0 < number("top_p") <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidOptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= number("min_p") <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidOptionError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < number("repetition_penalty") < math.inf:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidOptionError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not all(_is_int(e) and e >= 0 for e in self.eos_token_id):
-            raise ValueError(f"eos_token_id must be token ids (integers >= 0), got {self.eos_token_id!r}")
+            raise InvalidOptionError(f"eos_token_id must be token ids (integers >= 0), got {self.eos_token_id!r}")
         if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
-            raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {self.pad_token_id!r}")
+            raise InvalidOptionError(f"pad_token_id must be a token id (an integer >= 0), got {self.pad_token_id!r}")
         if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise InvalidOptionError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop_strings):
-            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+            raise InvalidOptionError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
         if self.stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer to decode the new tokens: pass tokenizer=..., "
-                             "or use a model whose checkpoint has one")
+            raise InvalidOptionError("stop_strings need a tokenizer to decode the new tokens: pass "
+                                     "tokenizer=..., or use a model whose checkpoint has one")
 
     @classmethod
-    def build(cls, defaults_eos: Iterable[int] = (), default_tokenizer: TextDecoder | None = None,
+    def build(cls, defaults_eos: Iterable[int] = (), default_tokenizer: TextDecoder | None = None, *,
+              model_defaults: Mapping[str, Any] | None = None, prompt_length: int = 0,
               **kwargs: Any) -> "GenerationConfig":
-        """From HF-style keyword arguments; eos may be an int, a list, or None (model default);
-        `stop_strings` a string or a list of them; another option given as None is off (as in
-        transformers: ``top_k=None`` does no top-k); `tokenizer` decodes for stop strings (the
-        model's own when not given)."""
+        """From HF-style keyword arguments over the model's defaults (its generation_config.json,
+        see `pipeline._genconfig`) and a ``generation_config=`` argument. eos may be an int, a
+        list, or None (model default); `stop_strings` a string or a list of them;
+        `stopping_criteria` a callable or a list of them; another option given as None is off
+        (as in transformers: ``top_k=None`` does no top-k); `tokenizer` decodes for stop
+        strings (the model's own when not given); ``max_length`` counts the `prompt_length`
+        tokens of the prompt."""
+        known = known_options(cls.__dataclass_fields__)
+        layers = [dict(model_defaults or {}), options_of(kwargs.pop("generation_config", None), known),
+                  check_options(kwargs, known)]
+        kwargs = merge(layers)
         eos = kwargs.pop("eos_token_id", None)
         stop = kwargs.pop("stop_token_ids", None) or ()
         if eos is None:
@@ -119,14 +143,37 @@ class GenerationConfig:
         for name, off in _NONE_MEANS.items():
             if name in kwargs and kwargs[name] is None:
                 kwargs[name] = off
+        _lengths(kwargs, prompt_length)
         strings = kwargs.get("stop_strings", ())
         kwargs["stop_strings"] = (strings,) if isinstance(strings, str) else tuple(strings)
+        criteria = kwargs.get("stopping_criteria", ())
+        kwargs["stopping_criteria"] = (criteria,) if callable(criteria) else tuple(criteria)
         if kwargs.get("tokenizer") is None:
             kwargs["tokenizer"] = default_tokenizer
-        unknown = set(kwargs) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         return cls(**kwargs)
+
+
+def _lengths(options: dict[str, Any], prompt_length: int) -> None:
+    """``max_length`` / ``min_length`` (prompt included) as ``max_new_tokens`` /
+    ``min_new_tokens``, in place; ``max_new_tokens`` wins over ``max_length`` as in transformers."""
+    total = options.pop("max_length", None)
+    if options.get("max_new_tokens") is None:
+        options.pop("max_new_tokens", None)
+        if total is not None:
+            if not _is_int(total) or total < 1:
+                raise InvalidOptionError(f"max_length must be an integer >= 1, got {total!r}")
+            if total <= prompt_length:
+                raise InvalidOptionError(f"max_length {total} leaves no room for new tokens after the "
+                                         f"{prompt_length}-token prompt (max_length counts the prompt; "
+                                         f"max_new_tokens counts only new tokens)")
+            options["max_new_tokens"] = total - prompt_length
+    least = options.pop("min_length", None)
+    if least is not None:
+        if not _is_int(least) or least < 0:
+            raise InvalidOptionError(f"min_length must be an integer >= 0, got {least!r}")
+        fewest = options.get("min_new_tokens", 0)
+        if _is_int(fewest):       # (another value: __post_init__ says what is wrong with it)
+            options["min_new_tokens"] = max(fewest, least - prompt_length)
 
 
 def _is_int(value: Any) -> bool:
@@ -233,6 +280,19 @@ class StopStrings:
         return any(text.find(s, max(0, changed - len(s) + 1)) >= 0 for s in self.strings)
 
 
+def criterion_rows(result: Any, rows: int) -> Tensor:
+    """A stopping criterion's answer (a bool, or a bool tensor with one value per row, as
+    transformers' StoppingCriteria return) as a bool tensor [rows]."""
+    try:
+        done = torch.as_tensor(result, dtype=torch.bool).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        done = None
+    if done is None or done.numel() not in (1, rows):
+        raise InvalidOptionError(f"a stopping criterion must return a bool or a bool tensor of {rows} "
+                                 f"row(s), got {result!r}")
+    return done.expand(rows) if done.numel() == 1 else done
+
+
 def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
                     streamer: Streamer | None = None, start: int = 0
                     ) -> Generator[tuple[Tensor, int], Tensor, Tensor]:
@@ -240,15 +300,11 @@ def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
     blocks to run and is sent back their output; it returns prompt + new tokens. `generate` and
     `agenerate` drive it with a sync or an async step. `start` > 0 continues a session whose
     caches already hold `start` positions."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, "
-                         f"got {list(input_ids.shape)}")
-    input_ids = input_ids.long().cpu()
+    input_ids = as_batch(input_ids).cpu()
     generator = new_generator(cfg.seed) if cfg.do_sample else None
     stops = StopStrings(cfg.stop_strings, cfg.tokenizer) if cfg.stop_strings else None
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.long)
+    suppressed = eos[eos < head.config.vocab_size]    # until min_new_tokens (an id past the vocab never comes)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     if streamer is not None:
         streamer.put(input_ids)
@@ -257,10 +313,12 @@ def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     pos = start
     new_hidden = head.embed(input_ids)
-    for _ in range(cfg.max_new_tokens):
+    for made in range(cfg.max_new_tokens):
         out = yield new_hidden, pos
         pos += new_hidden.shape[1]
         logits = head.logits(out[:, -1]).cpu()
+        if made < cfg.min_new_tokens:
+            logits = logits.index_fill(1, suppressed, float("-inf"))
         token = next_tokens(logits, ids, cfg, generator)
         token = torch.where(finished, torch.full_like(token, pad), token)
         ids = torch.cat([ids, token[:, None]], dim=1)
@@ -271,6 +329,8 @@ def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
         if stops is not None:
             for row in (~finished).nonzero().flatten().tolist():
                 finished[row] = stops.completed(ids[row, prompt_len:].tolist())
+        for criterion in cfg.stopping_criteria:
+            finished |= criterion_rows(criterion(ids, logits), ids.shape[0])
         if bool(finished.all()):
             break
         new_hidden = head.embed(token[:, None])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._config import ModelConfig, rope_inv_freq
-from ._errors import CacheError, InvalidSpanError
+from ._errors import CacheError, InvalidInputError, InvalidSpanError
 
 
 class KVCache:
@@ -334,9 +334,12 @@ class ClientHead(nn.Module):
     @torch.inference_mode()
     def embed(self, input_ids: Tensor) -> Tensor:
         if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+            raise InvalidInputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise InvalidInputError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                                        f"{lo if lo < 0 else hi}")
         return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
 
     @torch.inference_mode()

@@ -22,13 +22,15 @@ from typing import Iterable
 
 from crdt import ServerRecord, ServerState, peer_id_to_str
 
+from ._errors import InvalidSpanError, LaminaError
+
 DEFAULT_HOP_MS = 5.0            # one-way latency assumed when nothing was measured
 DEFAULT_BLOCK_MS = 2.0          # per-block step time assumed when a server announced no rate
 LOAD_PENALTY_MS = 1.0           # added per active session already on the server, per block
 MAX_BLOCK_MS = 60_000.0
 
 
-class NoRouteError(Exception):
+class NoRouteError(LaminaError):
     """No chain of usable servers covers the blocks."""
 
 
@@ -72,7 +74,7 @@ def choose_route(records: Iterable[ServerRecord], start: int, end: int, *, now_m
                  excluded: Iterable[str] = ()) -> list[Hop]:
     """The cheapest chain covering [start, end), or NoRouteError naming the first gap."""
     if not 0 <= start < end:
-        raise ValueError(f"cannot route the empty block range [{start}, {end})")
+        raise InvalidSpanError(f"cannot route the empty block range [{start}, {end})")
     excluded = set(excluded)
     servers = sorted((r for r in records if usable(r, now_ms, needed_tokens, options, excluded)),
                      key=lambda r: r.peer_id)

