@@ -55,6 +55,10 @@ class NoReplacementError(LaminaError):
     """A span was lost and no server for it appeared within the failover deadline."""
 
 
+class LostInputsError(LaminaError):
+    """The client no longer holds the inputs a replacement must replay (a bug if it happens)."""
+
+
 class TooManyFailuresError(LaminaError):
     """A step failed over more often than `max_failovers`."""
 
@@ -361,8 +365,8 @@ class Chain:
         """Rebuild the new links' caches from the inputs stored at `boundary` before `position`."""
         try:
             chunks = self.plan.history.replay(boundary, position)
-        except ValueError as e:
-            raise _ReplayFailed(str(e)) from None
+        except ValueError as e:   # not the replacement's fault: no other node would do better
+            raise LostInputsError(f"cannot rebuild the session's caches from block {boundary}: {e}") from None
         if not chunks:
             return
         step_ids = [sid for _, sid, _ in chunks]      # the new hops push to each other already

@@ -117,7 +117,13 @@ class History:
         # a rollback (position already stored) discards everything from there on; positions
         # are stored in increasing order, so the common case (appending) checks only the last
         if store and next(reversed(store)) >= position:
-            for pos in [p for p in store if p >= position]:
+            later = [p for p in store if p >= position]
+            # ...but only a newer step rolls back: an older step's output arriving now (a
+            # replacement's replay echoing the inputs it rebuilt) would wipe the inputs that
+            # came after it, and a later replay from this boundary would rebuild too little
+            if any(store[p][0] > step_id for p in later):
+                return
+            for pos in later:
                 del store[pos]
         store[position] = (step_id, hidden)
 
@@ -128,14 +134,18 @@ class History:
 
     def replay(self, boundary: int, position: int) -> list[tuple[int, int, Any]]:
         """(position, step id, hidden) of every input stored at `boundary` before `position`,
-        in order. Raises `ValueError` on a gap (nothing to rebuild a cache from)."""
+        in order. Raises `ValueError` unless they cover exactly [0, position) (a cache rebuilt
+        from less would hold fewer positions than the chain's next step assumes)."""
         chunks = sorted((pos, sid, h) for pos, (sid, h) in self._store.get(boundary, {}).items()
                         if pos < position)
         expected = 0
         for pos, _, h in chunks:
             if pos != expected:
-                raise ValueError(f"stored inputs at block {boundary} have a gap at {expected}")
+                raise ValueError(f"the inputs stored at block {boundary} have a gap at position {expected}")
             expected += h.shape[1]
+        if expected != position:
+            raise ValueError(f"the inputs stored at block {boundary} cover positions [0, {expected}), "
+                             f"not [0, {position})")
         return chunks
 
 

@@ -256,10 +256,27 @@ def test_history_rolls_back_and_refuses_to_replay_a_gap():
     for pos, sid in [(0, 0), (2, 1), (3, 2), (4, 3)]:
         history.remember(0, pos, sid, h(sid, 2 if pos == 0 else 1))
     history.remember(0, 3, 7, h(7))  # a rollback to 3 drops 3 and 4, then stores the new 3
-    assert [(p, s) for p, s, _ in history.replay(0, 10)] == [(0, 0), (2, 1), (3, 7)]
+    assert [(p, s) for p, s, _ in history.replay(0, 4)] == [(0, 0), (2, 1), (3, 7)]
+    assert [(p, s) for p, s, _ in history.replay(0, 3)] == [(0, 0), (2, 1)]
     assert history.input(0, 3, 2) is None and torch.equal(history.input(0, 3, 7), h(7))
+    with pytest.raises(ValueError, match=r"cover positions \[0, 4\), not \[0, 10\)"):
+        history.replay(0, 10)          # a replay from too little would leave the cache short
     gap = History()
     gap.remember(4, 0, 0, h(0, 2))
     gap.remember(4, 3, 1, h(1))
-    with pytest.raises(ValueError, match="gap at 2"):
+    with pytest.raises(ValueError, match="gap at position 2"):
         gap.replay(4, 10)
+
+
+def test_an_older_steps_output_never_rolls_back_newer_inputs():
+    """A replacement's replay echoes the inputs it rebuilt, with their old step ids, after
+    newer ones are stored at that boundary: they must not wipe the newer ones."""
+    history = History()
+    for pos, sid in [(0, 0), (2, 1), (3, 2), (4, 3)]:
+        history.remember(5, pos, sid, h(sid, 2 if pos == 0 else 1))
+    for pos, sid in [(0, 0), (2, 1), (3, 2)]:        # the replay's echoes
+        history.remember(5, pos, sid, h(sid + 100, 2 if pos == 0 else 1))
+    assert [(p, s) for p, s, _ in history.replay(5, 5)] == [(0, 0), (2, 1), (3, 2), (4, 3)]
+    assert torch.equal(history.input(5, 2, 1), h(1))   # the first value kept
+    history.remember(5, 4, 3, h(33))                   # the same step again (a resend) replaces it
+    assert torch.equal(history.input(5, 4, 3), h(33))
