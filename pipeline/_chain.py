@@ -71,6 +71,9 @@ class ChainConfig:
     max_failovers: int = 8              # per step
     route_options: RouteOptions = field(default_factory=RouteOptions)
     show_route: bool = False
+    # the client carries every hop's output to the next node, as it does for nodes that cannot
+    # push to each other (2n link latencies per step instead of n+1): for comparisons
+    client_relays: bool = False
 
 
 RTT_REFRESH = 60.0      # seconds before the client measures its RTT to a server again
@@ -502,7 +505,7 @@ class Chain:
 
     def _relays(self, hop: Hop, nxt: _Link | None) -> bool:
         """Whether the client carries hop's results to nxt (its node could not push there lately)."""
-        return nxt is not None and (hop.peer_id, nxt.hop.peer_id) in self.unpushable
+        return nxt is not None and (self.config.client_relays or (hop.peer_id, nxt.hop.peer_id) in self.unpushable)
 
     async def _wire(self, link: _Link, nxt: _Link) -> None:
         """Point link's node at nxt, or make the client relay between them (`_relays`)."""

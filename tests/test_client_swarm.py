@@ -250,3 +250,16 @@ def test_unreachable_swarm_is_a_clear_error(tiny_model):
     with pytest.raises(Exception, match="could not reach any of initial_peers"):
         DistributedModelForCausalLM.from_pretrained(
             tiny_model, initial_peers=["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKWdgmX6abxXnU4G57ByV2DtRMGh4VrzfHH1ExKNnewpV"])
+
+
+def test_client_relayed_mode_gives_the_same_tokens(tiny_model, tiny_swarm, tiny_local):
+    """`client_relays=True` (the fallback for nodes that cannot push, forced): every hop's output
+    comes back to the client, which sends it on; the tokens are the push chain's."""
+    prompt = torch.tensor([[2, 7, 1, 8, 2, 8]])
+    expected = assert_decisive(tiny_local, tiny_local.generate(prompt, max_new_tokens=10, eos_token_id=[]), 10)
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=tiny_swarm.initial_peers,
+                                                     client_relays=True) as model:
+        with model.inference_session(max_length=32) as session:
+            out = model.generate(prompt, max_new_tokens=10, eos_token_id=[], session=session)
+            assert [link.relay for link in session.chain.links] == [True] * (len(session.route) - 1) + [False]
+    assert torch.equal(out, expected)
