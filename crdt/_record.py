@@ -109,7 +109,11 @@ def _as_float(value: Any, what: str, hi: float, peer_id: bytes | None) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ModelId:
-    """A model: its name and the SHA-256 of its canonical config, so look-alikes never mix."""
+    """A model: its name and a 32-byte hash that identifies it, so look-alikes never mix.
+
+    Nodes put `pipeline.model_hash` in `config_hash` (the field keeps its wire name): the model's
+    config and its weights' identity, so two fine-tunes with one config.json differ. crdt only
+    compares the bytes; `from_config` is a config-only hash for tests and simulations."""
 
     name: str
     config_hash: bytes

@@ -12,6 +12,10 @@ against 5.7 ms per tiny-model decode pass). A
 partly done prompt goes to the back of the queue, so decode steps that arrived during a pass run
 in the next one: one long prompt never stalls everyone.
 
+`Batcher(max_segments=N)` (``run-node --max-batch-size N``) puts at most N sessions' steps in
+one pass; 1 turns batching across sessions off (each pass runs one session's step, and no pass
+waits for other sessions' steps).
+
 Jobs are validated by the caller (`ServedSession.accept`) before they get here, so a pass only
 fails on a bug or an out-of-memory; then each piece is retried alone, so a failure stays with the
 job that caused it.
@@ -84,7 +88,11 @@ class BatchStats:
 class Batcher:
     """The node's single compute loop. Start `serve` in a nursery; call `run` from sessions."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_segments: int | None = None) -> None:
+        if max_segments is not None and max_segments < 1:
+            raise ValueError("max_segments must be >= 1 (or None: no limit)")
+        # sessions' steps one pass may hold (run-node --max-batch-size); 1: no batching
+        self.max_segments = max_segments
         self._queue: deque[_Job] = deque()
         self._wakeup = trio.Event()
         self._worker = ComputeThread()
@@ -136,8 +144,9 @@ class Batcher:
             # the other group computes) and every pass runs half full. A lone session never waits.
             self._forget_old_sessions()
             window = min(max(BATCH_WINDOW, BATCH_WINDOW_FRACTION * last_pass), BATCH_WINDOW_MAX)
+            wanted = min(len(self._recent), self.max_segments or len(self._recent))
             with trio.move_on_after(window):
-                while len(self._queue) < len(self._recent):
+                while len(self._queue) < wanted:
                     await self._wait_for_job()
             batch = self._take()
             if batch:
@@ -203,7 +212,8 @@ class Batcher:
         await self._wakeup.wait()
 
     def _take(self) -> list[tuple[_Job, int]]:
-        """Pieces for the next pass: (job, tokens), at most one piece per job."""
+        """Pieces for the next pass: (job, tokens), at most one piece per job and
+        `max_segments` pieces."""
         batch: list[tuple[_Job, int]] = []
         budget = MAX_PASS_TOKENS
         for _ in range(len(self._queue)):
@@ -212,7 +222,7 @@ class Batcher:
                 continue
             t = job.next_piece()
             cost = t * job.hidden.shape[0]
-            if batch and cost > budget:
+            if batch and (cost > budget or len(batch) == self.max_segments):
                 self._queue.append(job)
                 continue
             budget -= cost

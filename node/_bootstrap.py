@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 
-from ._cli import _leaf, _multiaddr, _Parser, _positive_int, _seconds, _swarm_key
+from ._cli import _leaf, _multiaddr, _one_line, _Parser, _positive_int, _seconds, _swarm_key
 
 PROG = "lamina-bootstrap"
 
@@ -88,14 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import trio
 
+    from p2p import P2PError
+
     try:
         trio.run(_run, args, key)
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:  # noqa: BLE001 - one clear line for expected failures
         leaf = _leaf(exc)
-        if isinstance(leaf, (ValueError, OSError)):   # the port is taken, an address is not ours
-            print(f"{PROG}: error: {leaf}", file=sys.stderr)
+        if isinstance(leaf, (P2PError, ValueError, OSError)):   # the port is taken, an address is not ours
+            print(f"{PROG}: error: {_one_line(leaf)}", file=sys.stderr)
             return 1
         raise
     return 0

@@ -5,6 +5,10 @@ Once serving it prints exactly one line to stdout (everything else goes to stder
     serving blocks 0:16 at /ip4/192.168.1.5/tcp/31337/p2p/12D3... /ip4/127.0.0.1/tcp/31337/p2p/12D3...
 
 SIGTERM or SIGINT drains the node (see `node._node`) and exits 0; a second signal stops at once.
+A mistake the user can fix (a bad flag: exit 2; a model that is not there, an address that cannot
+be bound, a swarm key or --initial-peers none of which answer: exit 1) is one line on stderr,
+``run-node: error: ...``, never a traceback. On stderr, the log says which device ``--device
+auto`` chose, the model's identity, and what loading took (span, bytes, seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 
 from ._config import (DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_JOIN_WAIT, DEFAULT_LISTEN,
                       DEFAULT_MAX_SESSIONS, DEFAULT_REBALANCE_INTERVAL, DEFAULT_SESSION_IDLE_TIMEOUT,
-                      DEVICES, DTYPES, SWARM_KEY_ENV, NodeConfig, default_cache_dir)
+                      DEVICES, DTYPES, SWARM_KEY_ENV, VERSION, NodeConfig, default_cache_dir)
 
 PROG = "run-node"
 
@@ -125,13 +129,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", metavar="FILE",
                    help="private key file, created if missing, so the peer id survives restarts "
                         "(default: a new identity every run)")
-    p.add_argument("--device", default="cpu", metavar="|".join(DEVICES),
-                   help="where to compute: cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--device", default="auto", metavar="|".join(DEVICES),
+                   help="where to compute: cpu, cuda, cuda:N or mps; auto picks a CUDA GPU, else Apple's MPS, "
+                        "else the CPU, and logs which (default: auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype; auto is the checkpoint's own (default: auto)")
     p.add_argument("--public-name", default="", metavar="NAME", help="a name shown to the swarm (<= 64 bytes)")
     p.add_argument("--max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                    help=f"most concurrent inference sessions (default: {DEFAULT_MAX_SESSIONS})")
+    p.add_argument("--max-batch-size", type=_positive_int, metavar="N",
+                   help="most sessions' steps computed together in one forward pass; 1 turns batching "
+                        "across sessions off (default: as many as are waiting, up to 512 tokens a pass)")
+    p.add_argument("--inference-max-length", type=_positive_int, metavar="N",
+                   help="refuse sessions that ask for more than N tokens (prompt + generated) "
+                        "(default: no limit but the KV-cache budget)")
     p.add_argument("--cache-tokens", type=_positive_int, metavar="N",
                    help="KV-cache budget in tokens (a session takes batch x max_length); "
                         "default: half the device's free memory")
@@ -156,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"where measured throughputs are cached (default: $LAMINA_CACHE or {default_cache_dir()})")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="stderr log level (default: INFO)")
+    p.add_argument("--version", action="version", version=f"{PROG} (lamina) {VERSION}")
     return p
 
 
@@ -188,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         identity=Path(args.identity) if args.identity else None, swarm_key=_swarm_key(args.swarm_key),
         device=args.device, dtype=args.dtype,
         public_name=args.public_name, max_sessions=args.max_sessions, cache_tokens=args.cache_tokens,
+        max_batch_size=args.max_batch_size, inference_max_length=args.inference_max_length,
         num_threads=args.num_threads, heartbeat=args.heartbeat, lease=args.lease,
         session_idle_timeout=args.session_idle_timeout, drain_timeout=args.drain_timeout,
         rebalance_interval=args.rebalance_interval, join_wait=args.join_wait,
@@ -243,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import trio
 
+    from p2p import P2PError
     from pipeline import LaminaError
 
     try:
@@ -251,11 +265,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BaseException as exc:  # noqa: BLE001 - one clear line for expected failures
         leaf = _leaf(exc)
-        if isinstance(leaf, (LaminaError, ValueError, OSError)):
-            print(f"{PROG}: error: {leaf}", file=sys.stderr)
+        if isinstance(leaf, (LaminaError, P2PError, ValueError, OSError)):
+            print(f"{PROG}: error: {_one_line(leaf)}", file=sys.stderr)
             return 1
         raise
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (some libraries' messages span several), without the
+    "[Errno N]" of an OSError."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

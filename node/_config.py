@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,9 +21,15 @@ DEFAULT_REBALANCE_INTERVAL = 600.0  # how often a --num-blocks node checks for a
 DEFAULT_JOIN_WAIT = 10.0  # how long a --num-blocks node waits to learn the swarm before choosing
 MAX_LEASE = 600.0  # seconds: crdt.DEFAULT_MAX_LEASE_MS (records with longer leases are refused)
 DEFAULT_LEASE_HEARTBEATS = 4  # node._announce.Announcer.LEASE_HEARTBEATS
-DEVICES = ("cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # auto: cuda, else mps, else cpu (node._node.auto_device)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SWARM_KEY_ENV = "LAMINA_SWARM_KEY"  # path of the swarm key file when --swarm-key is not given
+
+
+try:
+    VERSION = metadata.version("lamina")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    VERSION = "0.0.0"
 
 
 def default_cache_dir() -> Path:
@@ -53,10 +60,12 @@ class NodeConfig:
     relay_duration: float = 3600.0   # seconds a relayed circuit may last (0: no cap)
     relay_bytes: int = 1 << 30       # bytes per relayed circuit and direction (0: no cap)
     reachability: str = "auto"       # "auto" (dial-back checks), or forced "direct" / "relayed"
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
     public_name: str = ""
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_batch_size: int | None = None  # sessions' steps per forward pass (None: as many as fit)
+    inference_max_length: int | None = None  # longest session (max_length) taken (None: the KV budget decides)
     cache_tokens: int | None = None  # None: half of the device's free memory
     num_threads: int | None = None  # torch intra-op threads (None: torch's choice)
     heartbeat: float = DEFAULT_HEARTBEAT
@@ -95,14 +104,18 @@ class NodeConfig:
             raise ValueError("--reachability must be auto, direct or relayed")
         if not 0 <= self.lane_port <= 65535:
             raise ValueError(f"--lane-port must be a TCP port (0-65535), got {self.lane_port}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)} (optionally cuda:N)")
+        if self.device != "auto" and self.device.split(":")[0] not in DEVICES[1:]:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N)")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
         if len(self.public_name.encode()) > 64:
             raise ValueError("--public-name is at most 64 bytes")
         if self.max_sessions < 1:
             raise ValueError("--max-sessions must be >= 1")
+        for name in ("max_batch_size", "inference_max_length"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1")
         if self.cache_tokens is not None and self.cache_tokens < 1:
             raise ValueError("--cache-tokens must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:

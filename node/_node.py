@@ -17,6 +17,7 @@ server admits (OpenSession only ONLINE), what `NodeInfo` reports and what the si
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +28,15 @@ import crdt
 import p2p
 from crdt import ServerState
 from pipeline import Checkpoint, InvalidSpanError, LaminaError, Span, check_device, load_span
+from pipeline._model import hf_block_names
 from pipeline._swarm import SwarmView, now_ms, swarm_topics
 
 from ._announce import Announcer, learn_addrs, record_fields, signer_for
 from ._batching import Batcher
 from ._blocks import choose_blocks, should_rebalance
-from ._config import NodeConfig
+from ._config import VERSION, NodeConfig
 from ._measure import RTT_INTERVAL, measure_rtts, next_block_servers, span_throughput
-from ._server import VERSION, SpanServer
+from ._server import SpanServer
 from ._sessions import CacheBudget, default_cache_tokens
 
 logger = logging.getLogger("lamina.node")
@@ -46,8 +48,64 @@ class JoinError(LaminaError):
     """The node could join no swarm: none of its initial peers answered."""
 
 
+def auto_device() -> str:
+    """What ``--device auto`` picks: a CUDA GPU when torch sees one, else Apple's MPS, else the
+    CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    """The device to compute on for `--device` (``auto`` resolved) and a line saying which and
+    why, for the log."""
+    chosen = auto_device() if device == "auto" else device
+    what = chosen
+    if chosen.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(chosen).index or 0
+        if index < torch.cuda.device_count():
+            what = f"{chosen} ({torch.cuda.get_device_name(index)})"
+    if device != "auto":
+        return chosen, f"device {what}"
+    why = "" if chosen != "cpu" else ": no CUDA GPU or Apple MPS device found"
+    return chosen, f"device {what} (--device auto{why})"
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
+
+
+def check_joined(host: p2p.Host, initial_peers: list[str]) -> None:
+    """Raise `JoinError` unless the host is connected to one of `initial_peers`: a node that
+    reached none of them would otherwise serve alone, as a swarm of one nobody knows. The message
+    names every address and why it failed, in one line."""
+    peers = {addr: addr.rsplit("/p2p/", 1)[-1] for addr in initial_peers}
+    if any(host.is_connected(peer) for peer in peers.values()):
+        return
+    reasons = []
+    for addr, peer in peers.items():
+        error = host.bootstrap_errors.get(addr)
+        why = str(error).removeprefix(f"cannot connect to {peer}: ") if error is not None else \
+            f"no answer within {p2p.constants.BOOTSTRAP_DEADLINE:g} s"
+        reasons.append(f"{addr} ({why})")
+    raise JoinError(f"none of --initial-peers could be reached: {'; '.join(reasons)}. Check the addresses and "
+                    "that those peers run (in a private swarm, that every peer uses the same --swarm-key); "
+                    "--new-swarm starts a new swarm instead")
+
+
 def model_id(checkpoint: Checkpoint) -> crdt.ModelId:
-    """The model as announced: a short name and the config hash clients match on."""
+    """The model as announced: a short name and the model hash clients match on (its config
+    and its weights' identity: `pipeline.model_hash`)."""
     name = checkpoint.name
     path = Path(name)
     if path.is_dir() or name.startswith(("/", ".")):
@@ -68,13 +126,15 @@ class _Live:
 class Node:
     """A running node (valid while `serve_node` runs)."""
 
-    def __init__(self, config: NodeConfig, host: p2p.Host, checkpoint: Checkpoint, view: SwarmView) -> None:
+    def __init__(self, config: NodeConfig, host: p2p.Host, checkpoint: Checkpoint, view: SwarmView,
+                 device: str | None = None) -> None:
         self.config = config
         self.host = host
         self.checkpoint = checkpoint
         self.view = view
+        self.device = device or resolve_device(config.device)[0]
         self.model = model_id(checkpoint)
-        self.batcher = Batcher()
+        self.batcher = Batcher(max_segments=config.max_batch_size)
         self.server: SpanServer | None = None
         self.announcer: Announcer | None = None
         self.live = _Live(0, 1)
@@ -184,7 +244,15 @@ class Node:
 
     async def _load_span(self, start: int, end: int) -> Span:
         cfg = self.config
-        span = await trio.to_thread.run_sync(load_span, self.checkpoint, start, end, cfg.device, cfg.dtype)
+        names = [n for i in range(start, end) for n in hf_block_names(self.checkpoint.config, i)]
+        logger.info("loading blocks %d:%d of %s: %s in %d tensors, onto %s (dtype %s)", start, end, self.model.name,
+                    _size(self.checkpoint.tensor_bytes(names)), len(names), self.device, cfg.dtype)
+        began = time.monotonic()
+        span = await trio.to_thread.run_sync(load_span, self.checkpoint, start, end, self.device, cfg.dtype)
+        report = span.load_report
+        logger.info("loaded blocks %d:%d in %.1f s: %s read from %d file%s (%d tensors), computing in %s",
+                    start, end, time.monotonic() - began, _size(report.bytes_read), len(set(report.files)),
+                    "" if len(set(report.files)) == 1 else "s", report.tensors, str(span.dtype).removeprefix("torch."))
         self.live.throughput = await span_throughput(span, self.checkpoint.model_hash, cfg.cache_dir)
         return span
 
@@ -260,8 +328,15 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     """Run a node until it has drained (see the module docstring)."""
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    checkpoint = Checkpoint(config.model)  # a missing or bad model fails before any networking
-    check_device(config.device, torch.float32)  # so does a missing device (dtype: checked at load)
+    # a missing or bad model or device fails before any networking (the dtype: checked at load)
+    checkpoint = Checkpoint(config.model)
+    device, device_line = resolve_device(config.device)
+    check_device(device, torch.float32)
+    logger.info("%s", device_line)
+    began = time.monotonic()
+    identity_hash = await trio.to_thread.run_sync(lambda: checkpoint.model_hash)
+    logger.info("model %s: identity %s (config and weights, %.2f s)", checkpoint.name, identity_hash[:16],
+                time.monotonic() - began)
     identity = p2p.Identity.load_or_create(config.identity) if config.identity else p2p.Identity.generate()
     nat = p2p.NatConfig(enabled=True, relay=config.relay, reachability=config.reachability,
                         relay_limits=p2p.RelayLimits(max_reservations=config.relay_slots,
@@ -276,14 +351,12 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     if config.swarm_key is not None:
         logger.info("private swarm: swarm key %s", config.swarm_key.fingerprint())
     async with p2p.open_host(host_config) as host:
-        if config.initial_peers and len(host.bootstrap_errors) == len(config.initial_peers):
-            why = next(iter(host.bootstrap_errors.values()))
-            raise JoinError(f"none of --initial-peers could be reached ({why}); check the addresses, that those "
-                            "peers run, and in a private swarm that every peer uses the same --swarm-key")
+        if config.initial_peers:
+            check_joined(host, config.initial_peers)
         async with trio.open_nursery() as nursery:
             view = SwarmView(host)
             await nursery.start(view.serve)
-            node = Node(config, host, checkpoint, view)
+            node = Node(config, host, checkpoint, view, device)
             node.live.start, node.live.end = await node._choose_blocks()
             fields = record_fields(model=node.model, span=lambda: node.blocks,
                                    throughput=lambda: node.live.throughput, load=node._load,
@@ -295,7 +368,8 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             span = await node._load_span(*node.blocks)
             await nursery.start(node.batcher.serve)
             node.server = SpanServer(host, span, checkpoint.model_hash, node._budget(span), node.batcher,
-                                     idle_timeout=config.session_idle_timeout, peer_addrs=node._peer_addrs)
+                                     idle_timeout=config.session_idle_timeout, peer_addrs=node._peer_addrs,
+                                     max_length=config.inference_max_length)
             node.server.install()
             await node.set_state(ServerState.ONLINE)
             nursery.start_soon(node._rtt_loop)
@@ -309,4 +383,4 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["Node", "serve_node", "learn_addrs"]
+__all__ = ["Node", "serve_node", "learn_addrs", "auto_device", "resolve_device", "check_joined"]

@@ -1,7 +1,8 @@
 """The span server: the node side of `pipeline.protocol` (inference, push and info streams).
 
 ``/lamina/inference/1`` (one stream per client session)
-    OpenSession is checked (model fingerprint, span inside ours, dtype) and its KV cache reserved
+    OpenSession is checked (model identity, span inside ours, max_length within the node's
+    --inference-max-length, dtype) and its KV cache reserved
     from the budget; refusals are error frames: BUSY (no memory or session slot, or not ONLINE
     yet: route around), DRAINING (the node is leaving), BAD_REQUEST. Then Step / Replay /
     SetNextHop / CloseSession, handled one at a time in order. A step that does not fit the
@@ -30,7 +31,6 @@ import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import torch
 import trio
@@ -46,6 +46,7 @@ from pipeline.protocol import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INFERE
 
 from ._announce import learn_addrs
 from ._batching import Batcher
+from ._config import VERSION
 from ._sessions import CacheBudget, ServedSession, StepError, cache_tokens_for
 
 logger = logging.getLogger("lamina.node")
@@ -60,10 +61,6 @@ PUSH_FIRST_WAIT = 0.05  # longest a result's copy to the client waits for its pu
 # that next node is reachable, and must not be relayed around.
 PUSH_OPEN_GRACE = p2p.constants.LANE_CONNECT_DEADLINE + 1.0
 
-try:
-    VERSION = metadata.version("lamina")
-except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    VERSION = "0.0.0"
 
 
 def sub_span(span: Span, start: int, end: int) -> Span:
@@ -91,13 +88,14 @@ class SpanServer:
     """Serves one span over the mesh. `install()` registers the handlers on the host."""
 
     def __init__(self, host: p2p.Host, span: Span, model_hash: str, budget: CacheBudget,
-                 batcher: Batcher, *, idle_timeout: float,
+                 batcher: Batcher, *, idle_timeout: float, max_length: int | None = None,
                  peer_addrs: Callable[[str], list[str]] = lambda peer: []) -> None:
         self.host = host
         self.model_hash = model_hash
         self.budget = budget
         self.batcher = batcher
         self.idle_timeout = idle_timeout
+        self.max_length = max_length  # longest session taken (--inference-max-length); None: any
         self.peer_addrs = peer_addrs  # peer id -> multiaddrs known from the swarm records
         # The node's state (set by `Node.set_state` only, with the record's): OpenSession is
         # taken only ONLINE.
@@ -194,6 +192,10 @@ class SpanServer:
                                                f"blocks {self.span.start}:{self.span.end}")
         if msg.session_id in self.sessions:
             raise p2p.RemoteError(BAD_REQUEST, f"session {msg.session_id} is already open")
+        if self.max_length is not None and msg.max_length > self.max_length:
+            raise p2p.RemoteError(BAD_REQUEST, f"the session asks for max_length {msg.max_length}; this node "
+                                               f"takes sessions of at most {self.max_length} tokens "
+                                               f"(--inference-max-length)")
         reservation = self.budget.reserve(cache_tokens_for(msg.batch, msg.max_length))
         try:
             span = self._span_for(msg.start, msg.end)

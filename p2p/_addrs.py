@@ -3,6 +3,7 @@ a listen port is really free."""
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import multiaddr
@@ -51,12 +52,13 @@ def check_ports_free(listen_addrs: list[str]) -> None:
     """py-libp2p's listener sets SO_REUSEPORT (hole punching dials from the listen port), so a
     second process on the same port would listen too, silently sharing inbound connections
     with the first. Refuse that: a plain bind (SO_REUSEADDR only, so TIME_WAIT leftovers of a
-    restart do not count) fails on a port someone listens on."""
+    restart do not count) fails on a port someone listens on. An address that is not this
+    machine's fails too, port 0 included (py-libp2p would listen nowhere without a word)."""
     for addr in listen_addrs:
         ma = multiaddr.Multiaddr(addr)
         port = int(ma.value_for_protocol("tcp"))
         ip = ip_of(ma)
-        if port == 0 or ip is None:
+        if ip is None:
             continue
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -64,5 +66,8 @@ def check_ports_free(listen_addrs: list[str]) -> None:
             try:
                 probe.bind((ip, port))
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {addr}: port {port} is in use "
-                                         f"(another lamina process?)") from None
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(exc.errno, f"cannot listen on {addr}: port {port} is in use "
+                                             f"(another lamina process?)") from None
+                hint = " (not an address of this machine)" if exc.errno == errno.EADDRNOTAVAIL else ""
+                raise OSError(exc.errno, f"cannot listen on {addr}: {(exc.strerror or str(exc)).lower()}{hint}") from None

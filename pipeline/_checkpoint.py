@@ -2,16 +2,19 @@
 
 A checkpoint is a local directory holding ``config.json`` and either one ``model.safetensors``
 or shards listed in ``model.safetensors.index.json``; a hub id (``org/name``) is resolved
-through the local Hugging Face cache. Nothing is fetched from the network. A GGUF file (or a
-directory holding one and no config.json) is a checkpoint too: ``Checkpoint(path)`` is then a
-`pipeline._gguf.GGUFCheckpoint`.
+through the local Hugging Face cache by `huggingface_hub` (the snapshot its refs/main names).
+Nothing is fetched from the network. Files are read through the `safetensors` library:
+headers by `safe_open` (no tensor data), tensors by `get_tensor`, identity samples by
+`get_slice` (`pipeline._identity`). A GGUF file (or a directory holding one and no config.json)
+is a checkpoint too: ``Checkpoint(path)`` is then a `pipeline._gguf.GGUFCheckpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,8 @@ import torch
 from safetensors import safe_open
 
 from ._config import ModelConfig
-from ._errors import (CheckpointNotFoundError, ModelLoadError, UnsupportedDtypeError)
+from ._errors import CheckpointNotFoundError, ModelLoadError, UnsupportedDtypeError
+from ._identity import element_runs, identity_hash
 from ._model import BLOCK_WEIGHTS, HEAD_WEIGHTS, ClientHead, Span, hf_block_names, _wanted
 
 DTYPES = {
@@ -42,11 +46,15 @@ class LoadReport:
 
 
 def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as `huggingface_hub` finds it ($HF_HUB_CACHE, else
+    $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub or ~/.cache/huggingface/hub), read at each
+    call (huggingface_hub reads it once, at import)."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
@@ -63,21 +71,28 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
             return path
         raise CheckpointNotFoundError(f"{name} is a file; a checkpoint is a directory")
     cache = hub_cache_dir()
-    if name.count("/") == 1 and not name.startswith(("/", ".")):
-        repo = cache / ("models--" + name.replace("/", "--"))
-        snapshots = repo / "snapshots"
-        ref = repo / "refs" / "main"
-        if ref.is_file():
-            snap = snapshots / ref.read_text().strip()
-            if snap.is_dir():
-                return snap
-        if snapshots.is_dir():
-            snaps = sorted(p for p in snapshots.iterdir() if p.is_dir())
-            if snaps:
-                return snaps[-1]
+    if name.count("/") == 1 and not name.startswith(("/", ".")) and (snapshot := _hub_snapshot(name, cache)):
+        return snapshot
     raise CheckpointNotFoundError(
         f"{name!r} is neither a local directory nor a model in the Hugging Face cache ({cache}); "
         f"download it first (e.g. `huggingface-cli download {name}`) or pass a directory")
+
+
+def _hub_snapshot(repo_id: str, cache: Path) -> Path | None:
+    """The snapshot of `repo_id` that the cache's refs/main names, through huggingface_hub
+    (offline: `local_files_only`), or None. A partly downloaded snapshot is returned as it is:
+    the shards a load needs are checked when it reads them."""
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
+
+    # newer huggingface_hub: a snapshot the cached file list shows incomplete
+    incomplete = getattr(getattr(huggingface_hub, "errors", None), "IncompleteSnapshotError", ())
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True))
+    except incomplete as exc:  # type: ignore[misc]  # (a LocalEntryNotFoundError: caught first)
+        return Path(exc.snapshot_path)
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
 
 
 def _gguf_file(name_or_path) -> Path | None:
@@ -103,18 +118,10 @@ def load_config(checkpoint: str | os.PathLike) -> ModelConfig:
 
 
 def model_hash(checkpoint: str | os.PathLike) -> str:
-    """Hex SHA-256 of the checkpoint's config.json, canonicalised (sorted keys, compact): the
-    same bytes as `crdt.ModelId.from_config(name, raw).config_hash`. For a GGUF file: the hash of
-    its metadata and tensor table (`pipeline._gguf.GGUFFile.model_hash`)."""
-    import hashlib
-
-    if (gguf := _gguf_file(checkpoint)) is not None:
-        from ._gguf import GGUFFile
-
-        return GGUFFile.open(gguf).model_hash
-    raw = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
-    text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Hex SHA-256 naming the model: its config and its weights' identity (`pipeline._identity`:
+    every tensor's name, dtype, shape and a sample of its bytes), what nodes announce and clients
+    match on. For a GGUF file: `pipeline._gguf.GGUFFile.model_hash`."""
+    return Checkpoint(checkpoint).model_hash
 
 
 class Checkpoint:
@@ -140,15 +147,25 @@ class Checkpoint:
                 raise ModelLoadError(f"{index} is not a valid safetensors index") from None
             self.weight_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}
         elif single.is_file():
-            self.weight_map = {name: single.name for name in _header(single)}
+            self.weight_map = {name: single.name for name in _tensor_infos(single)}
         else:
             raise ModelLoadError(
                 f"{self.path} has neither model.safetensors nor model.safetensors.index.json")
 
     @property
     def model_hash(self) -> str:
-        """Hex SHA-256 of the canonical config.json: what nodes and clients match on."""
-        return model_hash(self.path)
+        """Hex SHA-256 of the config and the weights' identity: what nodes and clients match on
+        (`pipeline._identity`). Reads every shard's header and a few KiB of each tensor, once
+        per process."""
+        files = sorted(set(self.weight_map.values()))
+        for file in files:
+            _require_file(self.path / file, next(n for n, f in self.weight_map.items() if f == file),
+                          why="the model's identity covers every tensor")
+        key = (str(self.path.resolve()), tuple((f, *_stamp(self.path / f)) for f in files),
+               _stamp(self.path / "config.json"))
+        if key not in _IDENTITY_CACHE:
+            _IDENTITY_CACHE[key] = _identity(self.path, self.weight_map)
+        return _IDENTITY_CACHE[key]
 
     def file_of(self, name: str) -> Path:
         try:
@@ -159,14 +176,23 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def tensor_bytes(self, names: list[str]) -> int:
+        """Bytes the tensors `names` take in the checkpoint (read from the headers)."""
+        total = 0
+        for name in names:
+            file = self.file_of(name)
+            _require_file(file, name)
+            total += _tensor_info(file, name).nbytes
+        return total
+
     def stored_dtype(self, name: str) -> torch.dtype:
         file = self.file_of(name)
         _require_file(file, name)
-        info = _header(file)[name]
+        stored = _tensor_info(file, name).dtype
         try:
-            return _ST_DTYPES[info["dtype"]]
+            return _ST_DTYPES[stored]
         except KeyError:
-            raise UnsupportedDtypeError(f"tensor {name} is stored as {info['dtype']}, "
+            raise UnsupportedDtypeError(f"tensor {name} is stored as {stored}, "
                                         f"which lamina cannot compute in") from None
 
     def read(self, names: list[str], dtype: torch.dtype, report: LoadReport) -> dict[str, torch.Tensor]:
@@ -176,13 +202,12 @@ class Checkpoint:
             by_file.setdefault(self.file_of(name), []).append(name)
         for file, wanted in by_file.items():
             _require_file(file, wanted[0])
-        total = sum(_header(f)[n]["nbytes"] for f, ns in by_file.items() for n in ns)
         out: dict[str, torch.Tensor] = {}
-        bar = _progress(total)
+        bar = _progress(self.tensor_bytes(names))
         try:
             for file, wanted in by_file.items():
                 report.files.append(file.name)
-                with safe_open(str(file), framework="pt", device="cpu") as f:
+                with _open(file) as f:
                     for name in wanted:
                         try:
                             t = f.get_tensor(name)
@@ -199,36 +224,92 @@ class Checkpoint:
         return out
 
 
-def _require_file(file: Path, tensor: str) -> None:
+def _require_file(file: Path, tensor: str, why: str = "") -> None:
     if not file.is_file():
         raise ModelLoadError(f"checkpoint shard {file.name} is missing from {file.parent} "
-                             f"(it holds {tensor})")
+                             f"(it holds {tensor}{'; ' + why if why else ''})")
 
 
-_HEADER_CACHE: dict[tuple[str, float], dict] = {}
+@dataclass(frozen=True)
+class _TensorInfo:
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: list[int]
+    nbytes: int
 
 
-def _header(file: Path) -> dict[str, dict]:
-    """name -> {dtype, shape, nbytes} from a safetensors header, without reading tensor data."""
-    key = (str(file), file.stat().st_mtime)
-    if key in _HEADER_CACHE:
-        return _HEADER_CACHE[key]
+# bytes per element of each safetensors dtype
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_INFO_CACHE: dict[tuple[str, int, int], dict[str, _TensorInfo]] = {}
+_IDENTITY_CACHE: dict[tuple, str] = {}
+
+
+def _stamp(file: Path) -> tuple[int, int]:
+    st = file.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _open(file: Path):
+    """`safe_open`, its failures (not a safetensors file, truncated) as a `ModelLoadError`."""
     try:
-        with open(file, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 << 20:
-                raise ValueError("header too large")
-            raw = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as e:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types
         raise ModelLoadError(f"{file} is not a valid safetensors file: {e}") from None
-    out = {}
-    for name, info in raw.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = {"dtype": info["dtype"], "shape": info["shape"], "nbytes": end - start}
-    _HEADER_CACHE[key] = out
-    return out
+
+
+def _tensor_infos(file: Path) -> dict[str, _TensorInfo]:
+    """name -> dtype, shape, bytes, from a safetensors header (through `safe_open`: no tensor
+    data is read). Cached by path, size and modification time."""
+    key = (str(file), *_stamp(file))
+    if key not in _INFO_CACHE:
+        infos = {}
+        with _open(file) as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                dtype, shape = sl.get_dtype(), list(sl.get_shape())
+                infos[name] = _TensorInfo(dtype, shape, math.prod(shape) * _ST_ITEMSIZE.get(dtype, 1))
+        _INFO_CACHE[key] = infos
+    return _INFO_CACHE[key]
+
+
+def _tensor_info(file: Path, name: str) -> _TensorInfo:
+    try:
+        return _tensor_infos(file)[name]
+    except KeyError:
+        raise ModelLoadError(f"{file} does not hold tensor {name!r} (its index says it does)") from None
+
+
+def _identity(path: Path, weight_map: dict[str, str]) -> str:
+    """`pipeline._identity`'s hash of a safetensors checkpoint: the config, then every tensor's
+    name, dtype, shape and sampled bytes (through `get_slice`: only the sampled runs are read)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path / 'config.json'} cannot be read: {e}") from None
+    entries = []
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        with _open(path / file) as f:
+            for name in names:
+                info = _tensor_info(path / file, name)
+                try:
+                    digest = _sample_digest(f, name, info)
+                except Exception as e:  # safetensors raises its own error types
+                    raise ModelLoadError(f"cannot read tensor {name} from {path / file}: {e}") from None
+                entries.append((name, info.dtype, info.shape, digest))
+    return identity_hash("safetensors", {"config": config}, entries)
+
+
+def _sample_digest(f, name: str, info: _TensorInfo) -> str:
+    """SHA-256 of the sampled runs of a tensor's stored bytes (`pipeline._identity`)."""
+    runs = element_runs(info.shape, _ST_ITEMSIZE.get(info.dtype, 1))
+    parts = [f.get_tensor(name)] if runs is None else [f.get_slice(name)[run] for run in runs]
+    h = hashlib.sha256()
+    for t in parts:
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _progress(total: int):

@@ -15,8 +15,10 @@ unchanged:
   file's half type;
 - `model_hash` is a SHA-256 over a canonical JSON of the metadata that defines the model (every
   key but the tokenizer's tables and chat template) and the tensor table (name, ggml type,
-  shape), tagged ``"format": "gguf"``: stable across paths and copies, distinct for two
-  quantizations of one model, and never equal to a config.json hash.
+  shape, and a digest of the first, middle and last 4 KiB of the tensor's stored bytes:
+  `pipeline._identity`), tagged ``"format": "gguf"``: stable across paths and copies, distinct
+  for two quantizations of one model and for two fine-tunes with the same metadata, and never
+  equal to a safetensors checkpoint's.
 
 The header is parsed here (``struct`` over a memory map: ~0.1 s for SmolLM2's 49k-token
 vocabulary, where `gguf.GGUFReader` takes ~4 s building a view per array element); the `gguf`
@@ -44,6 +46,7 @@ import torch
 from ._checkpoint import Checkpoint, LoadReport, _progress
 from ._config import ModelConfig, RopeConfig
 from ._errors import CheckpointNotFoundError, ConfigError, ModelLoadError, UnsupportedModelError
+from ._identity import byte_runs
 
 GGUF_MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -294,11 +297,19 @@ class GGUFFile:
         if self._hash is None:
             meta = {k: _jsonable(self.get(k)) for k in self.metadata if k not in _UNHASHED
                     and not k.startswith("tokenizer.chat_template")}
-            table = [[t.name, t.ggml_type, list(t.shape)] for t in sorted(self.tensors.values(), key=lambda t: t.name)]
+            table = [[t.name, t.ggml_type, list(t.shape), self._sample_digest(t)]
+                     for t in sorted(self.tensors.values(), key=lambda t: t.name)]
             text = json.dumps({"format": "gguf", "metadata": meta, "tensors": table}, sort_keys=True,
                               separators=(",", ":"), ensure_ascii=False)
             self._hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
         return self._hash
+
+    def _sample_digest(self, info: TensorInfo) -> str:
+        """SHA-256 of the sampled runs of a tensor's stored bytes (`pipeline._identity`)."""
+        h = hashlib.sha256()
+        for offset, length in byte_runs(info.nbytes):
+            h.update(bytes(self._blob[info.offset + offset:info.offset + offset + length]))
+        return h.hexdigest()
 
     @property
     def quantized(self) -> bool:
@@ -484,6 +495,12 @@ class GGUFCheckpoint(Checkpoint):
     def stored_dtype(self, name: str) -> torch.dtype:
         self.file_of(name)
         return _file_dtype(self.gguf)
+
+    def tensor_bytes(self, names: list[str]) -> int:
+        """Bytes the tensors `names` take in the file (quantized)."""
+        for name in names:
+            self.file_of(name)
+        return sum(self.gguf.tensors[self._names[n]].nbytes for n in names)
 
     def read(self, names: list[str], dtype: torch.dtype, report: LoadReport) -> dict[str, torch.Tensor]:
         """Dequantize just `names` (Hugging Face names) to `dtype`; the report counts the bytes

@@ -303,6 +303,11 @@ def test_model_hash_is_stable_and_distinct(tmp_path):
     h = model_hash(f32)
     assert h == model_hash(copy) == model_hash(tmp_path / "copy") == Checkpoint(f32).model_hash
     assert len({h, model_hash(q8), model_hash(other), model_hash(hf_dir)}) == 4
+    # another fine-tune with the same metadata (name included): its weights tell it apart
+    tuned_dir = write_hf_checkpoint(tmp_path / "hf-tuned", "llama", seed=1, num_hidden_layers=2)
+    tuned = _write_gguf(tuned_dir, tmp_path / "d.gguf")
+    assert (tuned_dir / "config.json").read_bytes() == (hf_dir / "config.json").read_bytes()
+    assert model_hash(tuned) not in {h, model_hash(q8), model_hash(other)}
 
 
 @needs_gguf

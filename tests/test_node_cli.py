@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import pytest
 import torch
 import trio
 
+import crdt
 import p2p
 from _wait import eventually
 from pipeline import load_span, model_hash
@@ -154,6 +157,14 @@ async def test_sigterm_drains_running_sessions_refuses_new_ones_and_exits_0(micr
         assert await node.wait_exit() == 0
     log = node.log.read_text()
     assert "draining" in log and "left the swarm" in log and "Traceback" not in log, log
+    # what a newcomer reads: the device --device auto chose (no GPU here: the CPU), the model's
+    # identity, and a line before and after loading (the span, bytes, seconds)
+    expected_device = "cpu (--device auto: no CUDA GPU or Apple MPS device found)" if not torch.cuda.is_available() \
+        else "cuda ("
+    assert f"device {expected_device}" in log, log
+    assert re.search(r"model \S+: identity [0-9a-f]{16} \(config and weights", log), log
+    assert re.search(r"loading blocks 0:4 of \S+: [\d.]+ KiB in 36 tensors, onto (cpu|cuda)", log), log
+    assert re.search(r"loaded blocks 0:4 in [\d.]+ s: [\d.]+ KiB read from 1 file \(36 tensors\)", log), log
 
 
 async def test_num_blocks_fills_the_uncovered_span(micro_model, tmp_path) -> None:
@@ -182,3 +193,92 @@ def test_a_frozen_peer_does_not_hold_up_a_joining_node(tiny_model, tmp_path) -> 
         frozen = time.monotonic() - started
         swarm.nodes[1].signal(signal.SIGCONT)
     assert frozen < alive + p2p.constants.BOOTSTRAP_DEADLINE / 2, (alive, frozen)
+
+
+# -- a newcomer's mistakes: one line each, a bounded wait, exit 1 ------------------------------------
+def _run_node_to_exit(micro_model: Path, *args: str, timeout: float = STARTUP_DEADLINE + 30):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "node._cli", "--model", str(micro_model), "--blocks", "0:2",
+                           "--num-threads", "1", *args], capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("run-node: error: "), proc.stderr
+    return line
+
+
+def test_unreachable_initial_peers_exit_1_naming_each_address(micro_model, tmp_path) -> None:
+    """Every --initial-peers address fails (nothing listens at one; the other accepts TCP but
+    never speaks): run-node exits 1 within the dial deadline plus its start, in one line naming
+    both addresses and why, instead of serving as a swarm of one."""
+    peer, other = p2p.Identity.generate().peer_id_str, p2p.Identity.generate().peer_id_str
+    with socket.socket() as closed, socket.socket() as silent:
+        closed.bind(("127.0.0.1", 0))            # bound, not listening: connections are refused
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)                         # the kernel accepts; nobody ever answers
+        refused = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}/p2p/{peer}"
+        mute = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/{other}"
+        proc, took = _run_node_to_exit(micro_model, "--initial-peers", refused, mute,
+                                       "--listen", "/ip4/127.0.0.1/tcp/0", "--cache-dir", str(tmp_path))
+    line = _error_line(proc)
+    assert line.startswith("run-node: error: none of --initial-peers could be reached: "), line
+    assert f"{refused} (the connection was refused" in line, line
+    assert f"{mute} (dialing {other} took more than {p2p.constants.DIAL_DEADLINE}s)" in line, line
+    assert "--new-swarm starts a new swarm instead" in line
+    assert p2p.constants.DIAL_DEADLINE <= took < p2p.constants.BOOTSTRAP_DEADLINE + STARTUP_DEADLINE, took
+    assert "serving blocks" not in proc.stderr
+
+
+@pytest.mark.parametrize("listen, message", [
+    ("in use", "port {port} is in use (another lamina process?)"),
+    ("/ip4/192.0.2.77/tcp/0", "cannot assign requested address (not an address of this machine)"),
+])
+def test_a_listen_address_that_cannot_be_bound_is_one_line(micro_model, tmp_path, listen, message) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        addr = f"/ip4/127.0.0.1/tcp/{port}" if listen == "in use" else listen
+        proc, _ = _run_node_to_exit(micro_model, "--new-swarm", "--listen", addr, "--cache-dir", str(tmp_path))
+    assert _error_line(proc) == f"run-node: error: cannot listen on {addr}: {message.format(port=port)}"
+
+
+def test_fine_tunes_with_one_config_never_mix(micro_model, tmp_path) -> None:
+    """Two checkpoints with the same config.json and other weights (a fine-tune of block 3)
+    are two models: a client of one never routes through the other's nodes, and generates its
+    own model's tokens once its own nodes cover every block."""
+    from pipeline import DistributedModelForCausalLM, LocalModelForCausalLM, SwarmUnavailableError
+    from pipeline.launch import start_node
+    from safetensors.torch import load_file, save_file
+
+    tuned = Path(shutil.copytree(micro_model, tmp_path / "tuned"))
+    weights = load_file(str(tuned / "model.safetensors"))
+    weights["model.layers.3.mlp.down_proj.weight"] = weights["model.layers.3.mlp.down_proj.weight"] * 1.5
+    save_file(weights, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    assert (tuned / "config.json").read_bytes() == (micro_model / "config.json").read_bytes()
+    assert model_hash(tuned) != model_hash(micro_model)
+    prompt = torch.tensor([[1, 17, 42, 99, 5]])
+    local = LocalModelForCausalLM.from_pretrained(micro_model)
+    expected = local.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    assert not torch.equal(LocalModelForCausalLM.from_pretrained(tuned).generate(prompt, max_new_tokens=8,
+                                                                                 eos_token_id=[]), expected)
+    with LocalSwarm(micro_model, [(0, 2)], log_dir=tmp_path) as swarm:
+        other = start_node(tuned, ["--blocks", "2:4", "--listen", "/ip4/127.0.0.1/tcp/0", "--num-threads", "1",
+                                   "--initial-peers", *swarm.initial_peers], tmp_path / "tuned.log")
+        swarm.nodes.append(other)   # stopped with the swarm
+        with pytest.raises(SwarmUnavailableError, match=r"serves blocks \[2, 4\)"):
+            with DistributedModelForCausalLM.from_pretrained(micro_model, initial_peers=swarm.initial_peers,
+                                                             connect_timeout=5):
+                pass
+        swarm.add_node(2, 4)
+        with DistributedModelForCausalLM.from_pretrained(micro_model, initial_peers=swarm.initial_peers) as model:
+            with model.inference_session(max_length=32) as session:
+                out = model.generate(prompt, max_new_tokens=8, eos_token_id=[], session=session)
+                route = [hop.peer_id for hop in session.route]
+            tuned_servers = model._model.view.servers(model_hash(tuned))
+        assert other.peer_id not in route and route == [swarm.nodes[0].peer_id, swarm.nodes[2].peer_id]
+        assert [crdt.peer_id_to_str(r.peer_id) for r in tuned_servers] == [other.peer_id]  # seen, not used
+        assert torch.equal(out, expected)

@@ -156,6 +156,20 @@ async def test_open_refusals(micro_model, tmp_path) -> None:
         assert node.server.active_sessions == 0 and node.server.budget.free_tokens == 1000
 
 
+async def test_inference_max_length_refuses_longer_sessions(micro_model, tmp_path) -> None:
+    async with running_node(micro_model, tmp_path, inference_max_length=32, cache_tokens=1000) as node, \
+            client_host(node) as host:
+        with pytest.raises(p2p.RemoteError) as info:
+            async with remote_session(host, node, max_length=33):
+                pass
+        assert info.value.code == "bad_request"
+        assert info.value.message == ("the session asks for max_length 33; this node takes sessions of at most "
+                                      "32 tokens (--inference-max-length)")
+        assert node.server.active_sessions == 0 and node.server.budget.free_tokens == 1000
+        async with remote_session(host, node, max_length=32) as remote:   # at the limit: served
+            close(await remote.step(hidden(0, 3), 0), Local(micro_model, max_length=32)(hidden(0, 3), 0))
+
+
 async def test_budget_busy_then_freed_by_close_break_and_idle(micro_model, tmp_path) -> None:
     async with running_node(micro_model, tmp_path, cache_tokens=100, session_idle_timeout=0.5) as node, \
             client_host(node) as host:
@@ -268,6 +282,36 @@ async def test_eight_concurrent_sessions_are_batched_and_equal_alone(micro_model
             close(a, b)
     assert stats.batched_passes > 0 and stats.max_segments > 1, stats
     assert stats.passes < n * (steps + 1), stats  # fewer passes than steps: they were shared
+
+
+async def test_max_batch_size_1_runs_every_step_alone(micro_model, tmp_path) -> None:
+    """`--max-batch-size 1`: concurrent sessions are served, each step in a pass of its own."""
+    n, steps = 4, 4
+    async with running_node(micro_model, tmp_path, max_batch_size=1) as node, client_host(node) as host:
+        assert node.batcher.max_segments == 1
+        got: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        ready = trio.Event()
+
+        async def run(i: int) -> None:
+            async with remote_session(host, node) as remote:
+                await ready.wait()   # every session open: their steps arrive together
+                got[i].append(await remote.step(hidden(100 + i, 3), 0))
+                for s in range(steps):
+                    got[i].append(await remote.step(hidden(1000 * i + s, 1), 3 + s))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(run, i)
+            await eventually(lambda: node.server.active_sessions == n)
+            ready.set()
+        stats = node.batcher.stats
+    for i in range(n):
+        local = Local(micro_model)
+        want = [local(hidden(100 + i, 3), 0)] + [local(hidden(1000 * i + s, 1), 3 + s) for s in range(steps)]
+        for a, b in zip(got[i], want, strict=True):
+            close(a, b)
+    assert stats.max_segments == 1 and stats.batched_passes == 0, stats
+    assert stats.passes == n * (steps + 1), stats
 
 
 async def test_long_prompt_is_chunked_and_decodes_interleave(micro_model, tmp_path) -> None:

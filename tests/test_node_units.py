@@ -117,6 +117,8 @@ def test_cache_budget_fails_fast_and_frees() -> None:
     (dict(blocks=(0, 2), new_swarm=True, heartbeat=0.0), "--heartbeat"),
     (dict(blocks=(0, 2), new_swarm=True, heartbeat=5.0, lease=5.0), "--lease"),
     (dict(blocks=(0, 2), new_swarm=True, heartbeat=200.0), "maximum of 600 s"),
+    (dict(blocks=(0, 2), new_swarm=True, max_batch_size=0), "--max-batch-size"),
+    (dict(blocks=(0, 2), new_swarm=True, inference_max_length=0), "--inference-max-length"),
 ])
 def test_node_config_refuses_bad_values(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -133,6 +135,9 @@ def test_node_config_refuses_bad_values(kwargs, message) -> None:
     (["--model", "m", "--blocks", "0:2", "--new-swarm", "--listen", "nonsense"], "--listen"),
     (["--model", "m", "--blocks", "0:2", "--new-swarm", "--dtype", "int8"], "--dtype"),
     (["--model", "m", "--blocks", "0:2", "--new-swarm", "--heartbeat", "2", "--lease", "1"], "--lease"),
+    (["--model", "m", "--blocks", "0:2", "--new-swarm", "--max-batch-size", "0"], "--max-batch-size"),
+    (["--model", "m", "--blocks", "0:2", "--new-swarm", "--inference-max-length", "x"], "--inference-max-length"),
+    (["--model", "m", "--blocks", "0:2", "--new-swarm", "--device", "tpu"], "--device"),
 ])
 def test_cli_bad_flag_is_one_line_exit_2(args, message) -> None:
     proc = subprocess.run([sys.executable, "-m", "node._cli", *args], capture_output=True, text=True, timeout=60)
@@ -155,8 +160,92 @@ def test_cli_help_explains_every_flag() -> None:
     assert proc.returncode == 0
     for flag in ("--model", "--blocks", "--num-blocks", "--listen", "--announce-addr", "--new-swarm",
                  "--initial-peers", "--identity", "--device", "--dtype", "--public-name", "--max-sessions",
-                 "--cache-tokens", "--num-threads", "--drain-timeout", "--session-idle-timeout"):
+                 "--cache-tokens", "--num-threads", "--drain-timeout", "--session-idle-timeout",
+                 "--max-batch-size", "--inference-max-length", "--version"):
         assert flag in proc.stdout
+
+
+def test_cli_version_prints_the_version() -> None:
+    from importlib import metadata
+
+    proc = subprocess.run([sys.executable, "-m", "node._cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == f"run-node (lamina) {metadata.version('lamina')}\n"
+
+
+def test_cli_flags_reach_the_config() -> None:
+    from node._cli import config_from_args, parser
+
+    base = ["--model", "m", "--blocks", "0:2", "--new-swarm"]
+    config = config_from_args(parser().parse_args(base))
+    assert (config.device, config.max_batch_size, config.inference_max_length) == ("auto", None, None)
+    config = config_from_args(parser().parse_args(
+        [*base, "--device", "cpu", "--max-batch-size", "1", "--inference-max-length", "64"]))
+    assert (config.device, config.max_batch_size, config.inference_max_length) == ("cpu", 1, 64)
+
+
+def test_a_p2p_error_at_start_is_one_line_exit_1(monkeypatch, capsys) -> None:
+    """A P2PError out of the node's start (the host, the swarm) is the user's problem to fix,
+    not a bug: one line on stderr, exit 1, no traceback."""
+    import node._cli as cli
+    import node._node as node_module
+
+    async def fails(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        raise p2p.PeerBrokenError("cannot connect to 12D3KooWx: the connection was refused\n(a second line)")
+
+    monkeypatch.setattr(node_module, "serve_node", fails)
+    code = cli.main(["--model", "m", "--blocks", "0:2", "--new-swarm", "--log-level", "ERROR"])
+    out = capsys.readouterr()
+    assert code == 1 and out.out == ""
+    assert out.err == "run-node: error: cannot connect to 12D3KooWx: the connection was refused (a second line)\n"
+
+
+# -- device choice ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, chosen) -> None:
+    from node._node import auto_device, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Test GPU")
+    assert auto_device() == chosen
+    device, line = resolve_device("auto")
+    assert device == chosen
+    assert line == {"cuda": "device cuda (Test GPU) (--device auto)", "mps": "device mps (--device auto)",
+                    "cpu": "device cpu (--device auto: no CUDA GPU or Apple MPS device found)"}[chosen]
+    assert resolve_device("cpu") == ("cpu", "device cpu")  # an explicit device is taken as given
+
+
+def test_device_auto_here_is_what_torch_sees() -> None:
+    from node._node import auto_device
+
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert auto_device() == expected
+
+
+# -- joining ----------------------------------------------------------------------------------
+def test_check_joined_names_every_unreachable_address_once() -> None:
+    from node._node import JoinError, check_joined
+
+    refused, silent = ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWA", "/ip4/127.0.0.1/tcp/2/p2p/12D3KooWB")
+
+    class Host:
+        connected: set[str] = set()
+        bootstrap_errors = {refused: p2p.PeerBrokenError("cannot connect to 12D3KooWA: the connection was refused")}
+
+        def is_connected(self, peer: str) -> bool:
+            return peer in self.connected
+
+    host = Host()
+    with pytest.raises(JoinError) as info:
+        check_joined(host, [refused, silent, refused])   # the same address twice counts once
+    message = str(info.value)
+    assert "\n" not in message and message.count(refused) == 1 and message.count(silent) == 1
+    assert f"{refused} (the connection was refused)" in message
+    assert f"{silent} (no answer within {p2p.constants.BOOTSTRAP_DEADLINE:g} s)" in message
+    host.connected = {"12D3KooWB"}
+    check_joined(host, [refused, silent])   # one reachable peer is enough
 
 
 # -- batcher -----------------------------------------------------------------------------------
@@ -187,6 +276,31 @@ async def test_batcher_passes_equal_unbatched_and_chunk_long_prompts(micro_model
     # the long prompt took ceil(198 / 128) = 2 pieces
     assert batcher.stats.batched_passes >= 1 and batcher.stats.max_segments >= 2
     assert batcher.stats.segments == len(hiddens) + 1
+
+
+async def test_batcher_with_max_segments_1_runs_each_step_alone(micro_model) -> None:
+    span = load_span(micro_model, 0, 4)
+    gen = torch.Generator().manual_seed(2)
+    hiddens = [torch.randn(1, t, 64, generator=gen) for t in (1, 3, 2, 1, 5)]
+    expected = [span(h, 0, span.new_cache(1, 16)) for h in hiddens]
+    batcher = Batcher(max_segments=1)
+    results: dict[int, torch.Tensor] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.serve)
+
+        async def one(i: int) -> None:
+            results[i] = await batcher.run(span, hiddens[i], 0, span.new_cache(1, 16))
+
+        async with trio.open_nursery() as clients:   # all queued before the loop runs
+            for i in range(len(hiddens)):
+                clients.start_soon(one, i)
+        nursery.cancel_scope.cancel()
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(results[i], want, rtol=1e-5, atol=1e-5)
+    stats = batcher.stats
+    assert (stats.passes, stats.max_segments, stats.batched_passes) == (len(hiddens), 1, 0), stats
+    with pytest.raises(ValueError, match="max_segments"):
+        Batcher(max_segments=0)
 
 
 async def test_batcher_waits_for_no_step_of_a_session_that_ended(micro_model, mock_clock) -> None:
