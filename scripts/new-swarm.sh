@@ -152,10 +152,10 @@ EOF
         fi
         cat <<EOF
 
-   Node:   run-node --model MODEL_DIR --num-blocks N --swarm-key swarm.key \\
+   Node:   run-node --num-blocks N --swarm-key swarm.key \\
                     --initial-peers ${remote[0]}
-   Client: python3 -m pipeline generate --model MODEL_DIR --swarm-key swarm.key \\
-                    --initial-peers ${remote[0]} --prompt "Once upon a time"
+   Client: lamina-chat --swarm-key swarm.key --initial-peers ${remote[0]}
+   (both use the embedded SmolLM2 unless given --model MODEL: the same on every machine)
 
 Keep $identity on this machine only: it is this bootstrap's peer id.
 ================================================================================
