@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs lamina into a virtual environment, .venv in this checkout, on a fresh Debian machine
-# (stock Debian 12/13 included: its python3 is EXTERNALLY-MANAGED, so nothing goes into it).
+# (stock Debian 12 included, even without python3: its python3 is EXTERNALLY-MANAGED, so
+# nothing goes into it; scripts/check-fresh-debian.sh tries it from a bare debootstrap).
 #   - system packages where missing: python3-venv, python3-dev and gcc, libgmp-dev (libp2p's
 #     fastecdsa builds against them); with --test also iproute2, nftables and ping (network-
 #     namespace tests), chromium and chromium-driver (the swarm map page's test)
