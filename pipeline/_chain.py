@@ -41,7 +41,7 @@ from ._failover import ALIVE, PROBE, Finished, LinkState, Plan, Refused, Relay, 
 from .protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, CloseSession, InfoRequest, NodeInfo,
                         OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step, StepFailed,
                         StepResult, new_session_id)
-from ._routing import Hop, NoRouteError, RouteOptions, choose_route, describe_route
+from ._routing import DISTRUST_TTL, Hop, NoRouteError, RouteOptions, choose_route, describe_route
 from ._swarm import now_ms
 
 log = logging.getLogger("lamina.client")
@@ -124,6 +124,7 @@ class Chain:
         self._timer = trio.CancelScope()                     # _watch_deadline's, until close
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self._timing = (-1, 0.0, 0)  # (step id, when the last echo of it came, failovers then)
 
     @property
     def links(self) -> list[_Link]:
@@ -185,6 +186,8 @@ class Chain:
         step_id = self._next_step
         self._next_step += 1
         self.plan.begin(step_id, position, hidden)
+        # one-token steps without failover time each hop for the router (`observe_hop`)
+        self._timing = (step_id if t == 1 else -1, trio.current_time(), self.plan.failovers)
         try:
             await self._send_step(self.links[0], step_id, position, hidden)
         except p2p.P2PError as e:    # failover takes it from here
@@ -433,6 +436,9 @@ class Chain:
                     log.info("opening a session on %s failed (%s); once more", hop.peer_id, why)
                     continue
                 log.info("cannot open a session on %s: %s", hop.peer_id, why)
+                if self.config.route_options.distrust_refusal(hop.peer_id, e):
+                    log.warning("node %s refused blocks [%d:%d) that its record announces (%s); not routing "
+                                "through it for %.0f s", hop.peer_id, hop.start, hop.end, why, DISTRUST_TTL)
                 raise _OpenFailed(hop.peer_id) from e
         raise AssertionError("unreachable")
 
@@ -539,11 +545,22 @@ class Chain:
             else:
                 urgent = False
                 plan.on_result(link, msg.step_id, msg.position, out)
+                self._time_hop(link, msg.step_id)
         elif isinstance(msg, StepFailed):
             plan.on_refused(link, msg.step_id, msg.code, msg.message, p2p.RemoteError(msg.code, msg.message))
         elif isinstance(msg, PushFailed):
             plan.on_push_failed(msg.session_id, msg.step_id, msg.target)
         self._wake(urgent)
+
+    def _time_hop(self, link: _Link, step_id: int) -> None:
+        """The time from the previous hop's echo of this step (or its send) to this hop's: what
+        this hop's blocks cost, measured, for the router (`RouteOptions.observe_hop`)."""
+        timed, since, failovers = self._timing
+        if step_id != timed or failovers != self.plan.failovers:
+            return
+        now = trio.current_time()
+        self.config.route_options.observe_hop(link.hop.peer_id, link.end - link.start, 1000 * (now - since), now_ms())
+        self._timing = (step_id, now, failovers)
 
     def _wake(self, urgent: bool = False) -> None:
         self._changed.set()
