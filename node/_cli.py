@@ -4,6 +4,9 @@ Once serving it prints exactly one line to stdout (everything else goes to stder
 
     serving blocks 0:16 at /ip4/192.168.1.5/tcp/31337/p2p/12D3... /ip4/127.0.0.1/tcp/31337/p2p/12D3...
 
+With ``--http-port N`` the node also serves HTTP (`node._http`: the swarm map, /metrics, the
+OpenAI API), ready before that line; its address is logged on stderr (``http: serving URL``).
+
 SIGTERM or SIGINT drains the node (see `node._node`) and exits 0; a second signal stops at once.
 A mistake the user can fix (a bad flag: exit 2; a model that is not there, an address that cannot
 be bound, a swarm key or --initial-peers none of which answer: exit 1) is one line on stderr,
@@ -52,6 +55,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -80,6 +93,35 @@ def _multiaddr(*, peer: bool):
         return text
 
     return parse
+
+
+def _http_flags(p: argparse.ArgumentParser) -> None:
+    http = p.add_argument_group("HTTP (the swarm map, Prometheus metrics, the OpenAI API)")
+    http.add_argument("--http-port", type=_port, metavar="PORT",
+                      help="also serve HTTP on this port (0: any free one, logged): the swarm map at /, "
+                           "/api/swarm, /metrics (Prometheus), /health, and the OpenAI-compatible API at /v1 "
+                           "once the swarm covers every block (default: no HTTP server)")
+    http.add_argument("--http-host", default="127.0.0.1", metavar="HOST",
+                      help="address the HTTP server binds (default: 127.0.0.1, this machine only; "
+                           "0.0.0.0 for every interface)")
+
+
+def _add_relay_args(p: argparse.ArgumentParser) -> None:
+    relay = p.add_argument_group("NAT traversal")
+    relay.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True,
+                       help="offer circuit relay v2 to peers behind NATs when this node is reachable "
+                            "(default: on)")
+    relay.add_argument("--relay-slots", type=_positive_int, default=128, metavar="N",
+                       help="relay reservations held for peers behind NATs (default: 128)")
+    relay.add_argument("--relay-circuits", type=_positive_int, default=512, metavar="N",
+                       help="relayed connections at once (default: 512)")
+    relay.add_argument("--relay-duration", type=_seconds, default=3600.0, metavar="SECONDS",
+                       help="longest life of one relayed connection; 0: no cap (default: 3600)")
+    relay.add_argument("--relay-bytes", type=int, default=1 << 30, metavar="BYTES",
+                       help="bytes one relayed connection may carry each way; 0: no cap (default: 1 GiB)")
+    relay.add_argument("--reachability", choices=("auto", "direct", "relayed"), default="auto",
+                       help="auto: ask peers to dial back and reserve relay slots if they cannot; "
+                            "direct/relayed: skip the checks (default: auto)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,21 +153,7 @@ def parser() -> argparse.ArgumentParser:
                    help="join a private swarm: its pre-shared key file (swarm.key format, made by "
                         "lamina-swarm-key); only peers with the same key can connect "
                         "(default: $LAMINA_SWARM_KEY, else an open swarm)")
-    relay = p.add_argument_group("NAT traversal")
-    relay.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True,
-                       help="offer circuit relay v2 to peers behind NATs when this node is reachable "
-                            "(default: on)")
-    relay.add_argument("--relay-slots", type=_positive_int, default=128, metavar="N",
-                       help="relay reservations held for peers behind NATs (default: 128)")
-    relay.add_argument("--relay-circuits", type=_positive_int, default=512, metavar="N",
-                       help="relayed connections at once (default: 512)")
-    relay.add_argument("--relay-duration", type=_seconds, default=3600.0, metavar="SECONDS",
-                       help="longest life of one relayed connection; 0: no cap (default: 3600)")
-    relay.add_argument("--relay-bytes", type=int, default=1 << 30, metavar="BYTES",
-                       help="bytes one relayed connection may carry each way; 0: no cap (default: 1 GiB)")
-    relay.add_argument("--reachability", choices=("auto", "direct", "relayed"), default="auto",
-                       help="auto: ask peers to dial back and reserve relay slots if they cannot; "
-                            "direct/relayed: skip the checks (default: auto)")
+    _add_relay_args(p)
     p.add_argument("--identity", metavar="FILE",
                    help="private key file, created if missing, so the peer id survives restarts "
                         "(default: a new identity every run)")
@@ -163,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join-wait", type=_seconds, default=DEFAULT_JOIN_WAIT, metavar="SECONDS",
                    help="with --num-blocks, how long to wait for the swarm's records before choosing "
                         f"(default: {DEFAULT_JOIN_WAIT:g})")
+    _http_flags(p)
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help=f"where measured throughputs are cached (default: $LAMINA_CACHE or {default_cache_dir()})")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -205,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         session_idle_timeout=args.session_idle_timeout, drain_timeout=args.drain_timeout,
         rebalance_interval=args.rebalance_interval, join_wait=args.join_wait,
         cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        http_port=args.http_port, http_host=args.http_host,
     )
 
 
@@ -234,6 +264,10 @@ async def _run(config: NodeConfig) -> None:
             nursery.start_soon(on_signals)
             node = await nursery.start(serve)
             running.append(node)
+            if config.http_port is not None:  # logs its address; a failure there is logged, not fatal
+                from ._http import serve_http
+
+                await nursery.start(serve_http, node)
             a, b = node.blocks
             print(f"serving blocks {a}:{b} at {' '.join(node.addrs)}", flush=True)
 

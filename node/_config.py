@@ -75,6 +75,8 @@ class NodeConfig:
     rebalance_interval: float = DEFAULT_REBALANCE_INTERVAL  # 0: never rebalance
     join_wait: float = DEFAULT_JOIN_WAIT
     cache_dir: Path = field(default_factory=default_cache_dir)
+    http_port: int | None = None  # serve the map, /metrics and the OpenAI API here (0: any free port)
+    http_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
@@ -102,6 +104,10 @@ class NodeConfig:
             raise ValueError("--relay-slots and --relay-circuits must be >= 1, --relay-duration and --relay-bytes >= 0")
         if self.reachability not in ("auto", "direct", "relayed"):
             raise ValueError("--reachability must be auto, direct or relayed")
+        if self.http_port is not None and (type(self.http_port) is not int or not 0 <= self.http_port <= 65535):
+            raise ValueError(f"--http-port must be a TCP port (0-65535), got {self.http_port}")
+        if not self.http_host or any(c.isspace() for c in self.http_host):
+            raise ValueError(f"--http-host must be a host name or address, got {self.http_host!r}")
         if not 0 <= self.lane_port <= 65535:
             raise ValueError(f"--lane-port must be a TCP port (0-65535), got {self.lane_port}")
         if self.device != "auto" and self.device.split(":")[0] not in DEVICES[1:]:

@@ -28,6 +28,7 @@ import crdt
 import p2p
 from crdt import ServerState
 from pipeline import Checkpoint, InvalidSpanError, LaminaError, Span, check_device, load_span
+from pipeline._metrics import CollectorRegistry, NodeMetrics, SwarmCollector
 from pipeline._model import hf_block_names
 from pipeline._swarm import SwarmView, now_ms, swarm_topics
 
@@ -140,6 +141,11 @@ class Node:
         self.live = _Live(0, 1)
         self.rtts: dict[bytes, float] = {}
         self._drain = trio.Event()
+        # /metrics (run-node --http-port): this registry, which the node's gateway shares
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = NodeMetrics(self.metrics_registry)
+        self.metrics.cache(used=lambda: self._cache_bytes()[0], budget=lambda: self._cache_bytes()[1])
+        self.metrics_registry.register(SwarmCollector(view, prefix="lamina_node_swarm"))
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -160,6 +166,25 @@ class Node:
     @property
     def draining(self) -> bool:
         return self._drain.is_set()
+
+    async def wait_draining(self) -> None:
+        """Until the node starts draining."""
+        await self._drain.wait()
+
+    def _cache_bytes(self) -> tuple[int, int]:
+        """KV cache bytes (reserved by open sessions, budget) of the span served now."""
+        server = self.server
+        if server is None:
+            return 0, 0
+        per_token = server.span.cache_bytes_per_token()
+        return server.budget.used_tokens * per_token, server.budget.total_tokens * per_token
+
+    def describe(self) -> dict[str, object]:
+        """This node, for its HTTP server's /api/swarm and /health."""
+        state = self.server.state if self.server is not None else ServerState.JOINING
+        return {"peer_id": self.peer_id, "blocks": list(self.blocks), "state": state.name.lower(),
+                "sessions": self.server.active_sessions if self.server is not None else 0,
+                "draining": self.draining}
 
     async def set_state(self, state: ServerState) -> None:
         """Change the node's state: the server's admission at once, then the signed record,
@@ -369,7 +394,7 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             await nursery.start(node.batcher.serve)
             node.server = SpanServer(host, span, checkpoint.model_hash, node._budget(span), node.batcher,
                                      idle_timeout=config.session_idle_timeout, peer_addrs=node._peer_addrs,
-                                     max_length=config.inference_max_length)
+                                     max_length=config.inference_max_length, metrics=node.metrics)
             node.server.install()
             await node.set_state(ServerState.ONLINE)
             nursery.start_soon(node._rtt_loop)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from time import perf_counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from torch import nn
 import p2p
 from crdt import ServerState
 from pipeline import LaminaError, Span
+from pipeline._metrics import NodeMetrics
 from pipeline.protocol import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INFERENCE_PROTOCOL, INFO_PROTOCOL,
                                INTERNAL, PUSH_PROTOCOL, UNKNOWN_SESSION, CloseSession, InfoRequest, NodeInfo,
                                OpenSession, PushFailed, PushOpen, Replay, SessionOpened, SetNextHop, Step,
@@ -89,8 +91,10 @@ class SpanServer:
 
     def __init__(self, host: p2p.Host, span: Span, model_hash: str, budget: CacheBudget,
                  batcher: Batcher, *, idle_timeout: float, max_length: int | None = None,
-                 peer_addrs: Callable[[str], list[str]] = lambda peer: []) -> None:
+                 peer_addrs: Callable[[str], list[str]] = lambda peer: [],
+                 metrics: NodeMetrics | None = None) -> None:
         self.host = host
+        self.metrics = metrics if metrics is not None else NodeMetrics()  # sessions, steps, errors
         self.model_hash = model_hash
         self.budget = budget
         self.batcher = batcher
@@ -142,13 +146,17 @@ class SpanServer:
 
     # -- /lamina/inference/1 -----------------------------------------------------------------
     async def _serve_inference(self, peer_id: object, stream: p2p.Session) -> None:
-        msg = await _first_message(stream, "OpenSession")
-        if msg is None:
-            return
-        if type(msg) is not OpenSession:
-            raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, "
-                                               f"not {type(msg).TYPE}")
-        sess = self._open(msg, stream)
+        try:
+            msg = await _first_message(stream, "OpenSession")
+            if msg is None:
+                return
+            if type(msg) is not OpenSession:
+                raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, "
+                                                   f"not {type(msg).TYPE}")
+            sess = self._open(msg, stream)
+        except p2p.RemoteError as exc:  # a refusal: BUSY, DRAINING, BAD_REQUEST, open_timeout
+            self.metrics.error(_kind(exc))
+            raise
         try:
             try:
                 await stream.send(SessionOpened(sess.session_id, sess.start, sess.end, sess.max_length))
@@ -170,8 +178,10 @@ class SpanServer:
                     if idle.cancelled_caught:
                         ended = p2p.RemoteError(IDLE_TIMEOUT, f"session {sess.session_id} was idle "
                                                               f"for {self.idle_timeout}s")
+                        self.metrics.error(IDLE_TIMEOUT)
                 except Exception as exc:  # re-raised bare below: the host maps RemoteError to its code
                     ended = exc
+                    self.metrics.error(_kind(exc))
                 nursery.cancel_scope.cancel()
             if ended is not None:
                 raise ended
@@ -207,12 +217,14 @@ class SpanServer:
                              next_peer=msg.next_peer, next_session=msg.next_session)
         self.sessions[sess.session_id] = sess
         self._idle = trio.Event()
+        self.metrics.session_opened()
         return sess
 
     def _close(self, sess: ServedSession) -> None:
         sess.close()
         if self.sessions.get(sess.session_id) is sess:
             del self.sessions[sess.session_id]
+            self.metrics.session_closed()
         self.budget.release(sess.reservation)
         self.batcher.forget(sess.cache)
         sess.cache = None  # type: ignore[assignment]  # free the memory now, not at the next gc
@@ -272,10 +284,13 @@ class SpanServer:
                              step.step_id, sess.last_step_id)
                 return
             try:
-                out = sess.to_wire(await self._compute(sess, sess.accept(step), step.position))
+                x = sess.accept(step)
+                began = perf_counter()
+                out = sess.to_wire(await self._compute(sess, x, step.position))
             except StepError as exc:
                 await self._fail(sess, step.step_id, exc)
                 return
+            self.metrics.step(perf_counter() - began, x.shape[0] * x.shape[1])
             sess.last_step_id = step.step_id
             await self._deliver(sess, step.step_id, step.position, out, step.push)
         finally:
@@ -297,10 +312,12 @@ class SpanServer:
                 try:
                     # a view, with the values the original step carried (the pass reshapes it,
                     # copying when strided, as it does a long prompt's pieces)
+                    began = perf_counter()
                     out = sess.to_wire(await self._compute(sess, hidden[:, position:position + t], position))
                 except StepError as exc:
                     await self._fail(sess, step_id, exc)
                     return
+                self.metrics.step(perf_counter() - began, hidden.shape[0] * t)
                 sess.last_step_id = step_id if sess.last_step_id is None else max(sess.last_step_id, step_id)
                 await self._deliver(sess, step_id, position, out, replay.push)
                 position += t
@@ -331,6 +348,7 @@ class SpanServer:
 
     async def _fail(self, sess: ServedSession, step_id: int, exc: StepError) -> None:
         logger.debug("session %s step %d failed: %s", sess.session_id[:8], step_id, exc)
+        self.metrics.error(exc.code)
         await self.to_client(sess, StepFailed(sess.session_id, step_id, exc.code, exc.message))
 
     async def to_client(self, sess: ServedSession, msg: p2p.Message) -> None:
@@ -349,6 +367,7 @@ class SpanServer:
             raise p2p.RemoteError(BAD_REQUEST, f"a push stream starts with PushOpen, not {type(msg).TYPE}")
         sess = self.sessions.get(msg.session_id)
         if sess is None or sess.closed:
+            self.metrics.error(UNKNOWN_SESSION)
             raise p2p.RemoteError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this node")
         scope = trio.CancelScope()
         sess.cancel_scopes.add(scope)
@@ -372,6 +391,18 @@ class SpanServer:
             raise p2p.RemoteError(UNKNOWN_SESSION, f"session {sess.session_id} ended")
 
 
+class _OpenTimeout(p2p.RemoteError):
+    """A stream sent no first message in OPEN_DEADLINE (BAD_REQUEST on the wire)."""
+
+
+def _kind(exc: BaseException) -> str:
+    """The metrics label of a refused or failed session: its error code, "open_timeout", or
+    "internal" (a bug)."""
+    if isinstance(exc, _OpenTimeout):
+        return "open_timeout"
+    return exc.code if isinstance(exc, p2p.RemoteError) else "internal"
+
+
 def _not_here(session_id: str) -> StepError:
     return StepError(UNKNOWN_SESSION, f"session {session_id} is not open on this stream")
 
@@ -391,7 +422,7 @@ async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | No
     """The stream's first message (None if the peer left at once), within OPEN_DEADLINE."""
     with trio.move_on_after(OPEN_DEADLINE):
         return await _next_message(stream, f"a stream before its {expected}")
-    raise p2p.RemoteError(BAD_REQUEST, f"no {expected} within {OPEN_DEADLINE}s")
+    raise _OpenTimeout(BAD_REQUEST, f"no {expected} within {OPEN_DEADLINE}s")
 
 
 class _Pusher:
@@ -474,6 +505,7 @@ class _Pusher:
                 if item is not None:
                     item.sent.set()
                 logger.info("session %s: push to %s failed: %r", self.sess.session_id[:8], self._target_peer, exc)
+                self.server.metrics.error("push_failed")
                 reason = f"push to {self._target_peer} failed: {exc!r}"[:1000]
                 self._failed = ((self._target_peer, self._target_session), reason)
                 # When only the early open failed, no step was taken: the steps queued behind

@@ -6,8 +6,10 @@
 
 `serve_gateway` opens an `AsyncDistributedModelForCausalLM` (its own libp2p host and swarm
 replica), wraps it in a `Gateway`, and serves `pipeline._gateway_http.create_app(gateway)` with
-hypercorn's trio worker. Any process with a trio loop can run it: `run-gateway`
-(`pipeline._gateway_cli`) does, and `run-node --http-port` can, next to its node.
+hypercorn's trio worker: that is `run-gateway` (`pipeline._gateway_cli`). `run-node --http-port`
+(`node._http`) serves the same app from the node's own replica at once, and attaches a client in
+the background once the swarm covers every block (`keep_client_attached`); until then a
+generation request gets a 503 naming the missing blocks.
 
 `Gateway` is the part without HTTP: it checks a parsed request against the model (name, prompt
 length, chat template), admits it (at most `max_sessions` generations at once, FIFO, at most
@@ -26,7 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import torch
 import trio
@@ -158,29 +160,74 @@ def error_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a gateway knows of its model before any client opens (from the checkpoint's config):
+    enough for /v1/models, the swarm map and the 503 that names the missing blocks."""
+
+    name: str                    # the model id clients use
+    aliases: frozenset[str]      # every name a request may give
+    blocks: int
+    context: int                 # max_position_embeddings
+    model_hash: bytes            # crdt.ModelId.config_hash
+
+    @classmethod
+    def of(cls, config: GatewayConfig, model_config, model_hash: bytes | str) -> "ModelFacts":
+        name = config.served_name or served_name(config.model)
+        aliases = frozenset({name} | ({str(config.model)} if config.model is not None else set()))
+        digest = bytes.fromhex(model_hash) if isinstance(model_hash, str) else bytes(model_hash)
+        return cls(name, aliases, int(model_config.num_hidden_layers), int(model_config.max_position_embeddings),
+                   digest)
+
+
 class Gateway:
-    """The OpenAI API over one model of a swarm (see the module docstring)."""
+    """The OpenAI API over one model of a swarm (see the module docstring).
 
-    def __init__(self, model, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
-        from ._chat import stop_token_ids
+    It serves the map, /metrics and /v1/models from `view` (a replica of the swarm state) at
+    once; generations need a client, `attach`ed once one is open (`serve_gateway` opens it
+    first; `keep_client_attached` opens it in the background once the chain is complete).
+    Until then a generation request gets a 503 naming the missing blocks."""
 
-        self.model, self.config = model, config
-        self.tokenizer = model.tokenizer
-        if self.tokenizer is None:
-            raise LaminaError("this model has no tokenizer: the OpenAI API needs one (text in, text out)")
-        self.name = config.served_name or served_name(config.model)
-        self.aliases = {self.name} | ({str(config.model)} if config.model is not None else set())
-        self.context = int(model.config.max_position_embeddings)
-        self.blocks = int(model.config.num_hidden_layers)
-        self.model_hash = bytes.fromhex(model.model_hash) if isinstance(model.model_hash, str) else model.model_hash
-        self.stop_ids = frozenset(stop_token_ids(self.tokenizer, model.config.eos_token_ids))
+    def __init__(self, view, facts: ModelFacts, config: GatewayConfig, registry: CollectorRegistry | None = None,
+                 *, peer_id: str, collect_swarm: bool = True) -> None:
+        self.view, self.facts, self.config, self.peer_id = view, facts, config, peer_id
+        self.name, self.aliases = facts.name, facts.aliases
+        self.context, self.blocks, self.model_hash = facts.context, facts.blocks, facts.model_hash
+        self.model = None              # the client (AsyncDistributedModelForCausalLM), once attached
+        self.tokenizer = None
+        self.stop_ids: frozenset[int] = frozenset()
+        self.local: Callable[[], dict[str, Any]] | None = None   # more /api/swarm and /health data
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self._swarm_collector = SwarmCollector(model.view)
-        self.registry.register(self._swarm_collector)
+        self._swarm_collector = SwarmCollector(view) if collect_swarm else None
+        if self._swarm_collector is not None:
+            self.registry.register(self._swarm_collector)
         self.created = int(time.time())
         self._slots = trio.Semaphore(config.max_sessions)
         self._waiting = 0
+
+    def attach(self, model) -> None:
+        """Serve generations through `model` (an open AsyncDistributedModelForCausalLM of this
+        gateway's model)."""
+        from ._chat import stop_token_ids
+
+        if model.tokenizer is None:
+            raise LaminaError("this model has no tokenizer: the OpenAI API needs one (text in, text out)")
+        self.stop_ids = frozenset(stop_token_ids(model.tokenizer, model.config.eos_token_ids))
+        self.tokenizer, self.model = model.tokenizer, model
+
+    def detach(self) -> None:
+        """The client closed: generations get 503 until another is attached."""
+        self.model = None
+
+    def _model(self):
+        """The attached client, or a 503: the missing blocks, else "still connecting"."""
+        model = self.model
+        if model is None:
+            self.check_swarm()
+            raise swarm_unavailable("the gateway is connecting to the swarm (every block is served); "
+                                    "retry in a moment")
+        return model
 
     # --- checking -----------------------------------------------------------------------
     def prepare(self, request: GenRequest) -> Job:
@@ -188,6 +235,7 @@ class Gateway:
         too long for the context 400."""
         if request.model not in self.aliases:
             raise model_not_found(request.model, self.name)
+        self._model()
         ids = self._prompt_ids(request)
         room = self.context - len(ids)
         param = "messages" if request.kind == "chat" else "prompt"
@@ -229,7 +277,7 @@ class Gateway:
         """Block ranges of the model that no live node serves now (from the local replica)."""
         now = int(time.time() * 1000)
         covered: set[int] = set()
-        for r in self.model.view.servers(self.model_hash):
+        for r in self.view.servers(self.model_hash):
             if r.is_live(now):
                 covered.update(range(r.start, r.end))
         return block_ranges(b for b in range(self.blocks) if b not in covered)
@@ -264,10 +312,11 @@ class Gateway:
     async def generate(self, job: Job, emit: Callable[[str], None]) -> Outcome:
         """Run `job` in an inference session of its own (closed on the nodes when this returns or
         is cancelled), handing each piece of text to `emit` as it comes."""
+        model = self._model()
         reply = _ReplyText(self.tokenizer, self.stop_ids, job.request.sampling.stop, emit)
         self.metrics.sessions_open.inc()
         try:
-            await self.model.generate(torch.tensor([job.ids]), max_new_tokens=job.max_tokens,
+            await model.generate(torch.tensor([job.ids]), max_new_tokens=job.max_tokens,
                                       eos_token_id=sorted(self.stop_ids), streamer=reply, **job.options)
         finally:
             self.metrics.sessions_open.dec()
@@ -277,16 +326,28 @@ class Gateway:
     def close(self) -> None:
         """Take this gateway's metrics off the registry (it may outlive the gateway)."""
         self.metrics.unregister()
-        self.registry.unregister(self._swarm_collector)
+        if self._swarm_collector is not None:
+            self.registry.unregister(self._swarm_collector)
 
     def swarm(self) -> dict[str, Any]:
         """`/api/swarm`: the map of this model's swarm from the local replica."""
-        data = swarm_map(self.model.view.state.records(), model_name=self.name, model_hash=self.model_hash,
+        data = swarm_map(self.view.state.records(), model_name=self.name, model_hash=self.model_hash,
                          blocks=self.blocks, now_ms=int(time.time() * 1000))
-        data["gateway"] = {"peer_id": str(self.model.host.peer_id), "sessions_open": self.config.max_sessions
-                           - self._slots.value, "waiting": self._waiting,
-                           "max_sessions": self.config.max_sessions}
+        data["gateway"] = {"peer_id": self.peer_id, "sessions_open": self.config.max_sessions - self._slots.value,
+                           "waiting": self._waiting, "max_sessions": self.config.max_sessions,
+                           "client": "open" if self.model is not None else "connecting"}
+        if self.local is not None:
+            data["node"] = self.local()
         return data
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """`/health`: 200 when a generation can start now (a full chain and an open client)."""
+        missing = self.missing_blocks()
+        api = "incomplete" if missing else "ready" if self.model is not None else "connecting"
+        body: dict[str, Any] = {"ok": api == "ready", "api": api, "missing": missing}
+        if self.local is not None:
+            body["node"] = self.local()
+        return (200 if api == "ready" else 503), body
 
 
 def _request_id(kind: str) -> str:
@@ -295,52 +356,81 @@ def _request_id(kind: str) -> str:
 
 # --- serving --------------------------------------------------------------------------
 
+def http_config(host: str, port: int):
+    """hypercorn's config for one bind address, logging to lamina.gateway.http, no access log."""
+    from hypercorn.config import Config
+
+    http = Config()
+    http.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    http.accesslog = None
+    http.errorlog = logging.getLogger("lamina.gateway.http")
+    http.graceful_timeout = 2.0
+    return http
+
+
+def open_client(config: GatewayConfig, initial_peers: Sequence[str]):
+    """The lamina client of `config`'s model (`async with` it); `SwarmUnavailableError` when
+    the swarm does not cover every block within `connect_timeout`."""
+    from ._client import AsyncDistributedModelForCausalLM
+    from ._embedded import resolve_model_name
+
+    return AsyncDistributedModelForCausalLM.from_pretrained(
+        resolve_model_name(config.model), initial_peers=list(initial_peers), swarm_key=config.swarm_key,
+        dtype=config.dtype, connect_timeout=config.connect_timeout, **config.client_options)
+
+
 async def serve_gateway(config: GatewayConfig, *, registry: CollectorRegistry | None = None,
                         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Open the client, then serve the HTTP API until cancelled. Ready (``nursery.start``
     returns the bound addresses, e.g. ``["http://127.0.0.1:8000"]``) once the swarm covers every
     block and the port listens; raises `SwarmUnavailableError` when it does not in
     `connect_timeout`."""
-    from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    from ._client import AsyncDistributedModelForCausalLM
-    from ._embedded import resolve_model_name
     from ._gateway_http import create_app
 
-    opened = AsyncDistributedModelForCausalLM.from_pretrained(
-        resolve_model_name(config.model), initial_peers=list(config.initial_peers), swarm_key=config.swarm_key,
-        dtype=config.dtype, connect_timeout=config.connect_timeout, **config.client_options)
-    async with opened as model:
-        gateway = Gateway(model, config, registry)
-        http = Config()
-        http.bind = [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"]
-        http.accesslog = None
-        http.errorlog = logging.getLogger("lamina.gateway.http")
-        http.graceful_timeout = 2.0
+    async with open_client(config, config.initial_peers) as model:
+        gateway = Gateway(model.view, ModelFacts.of(config, model.config, model.model_hash), config, registry,
+                          peer_id=str(model.host.peer_id))
+        gateway.attach(model)
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(serve, create_app(gateway), http, mode="asgi"))
+                binds = await nursery.start(partial(serve, create_app(gateway), http_config(config.host, config.port),
+                                                    mode="asgi"))
                 log.info("gateway for %s serving %s", gateway.name, " ".join(binds))
                 task_status.started(binds)
         finally:
             gateway.close()
 
 
+async def wait_for_chain(gateway: Gateway, recheck: float = 1.0) -> None:
+    """Until the gateway's replica shows a live node for every block (woken by the replica's
+    changes; `recheck` bounds the wait for one, as leases also end without one)."""
+    while gateway.missing_blocks():
+        with trio.move_on_after(recheck):
+            await gateway.view.wait_changed()
 
-async def serve_gateway_beside_node(config: GatewayConfig, *, registry: CollectorRegistry | None = None,
-                                    retry: float = 10.0) -> None:
-    """`serve_gateway` for `run-node --http-port`: a gateway that never takes its node down. Until
-    the swarm covers every block (the client cannot open before), it retries every `retry`
-    seconds, logging why; a failure later is logged and retried the same way. Run it with
-    ``nursery.start_soon``; cancel the nursery to stop it."""
+
+async def keep_client_attached(gateway: Gateway, initial_peers: Callable[[], Sequence[str]], *,
+                               retry: float = 5.0) -> None:
+    """Keep a client attached to `gateway` (for `run-node --http-port`): once the replica shows
+    a full chain, open one through `initial_peers()` and attach it; when it fails to open or
+    closes, log why, detach, wait `retry` seconds and start over. Never raises but
+    `trio.Cancelled`: cancel it to stop (the client closes)."""
     from ._errors import SwarmUnavailableError
 
     while True:
+        await wait_for_chain(gateway)
         try:
-            await serve_gateway(config, registry=registry)
+            async with open_client(gateway.config, initial_peers()) as model:
+                gateway.attach(model)
+                log.info("gateway client open: /v1 serves %s", gateway.name)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    gateway.detach()
         except SwarmUnavailableError as e:
-            log.info("gateway not serving yet: %s (retrying in %g s)", e, retry)
+            log.info("gateway client not open yet: %s (retrying in %g s)", e, retry)
         except Exception:
-            log.warning("the gateway stopped (retrying in %g s)", retry, exc_info=True)
+            log.warning("the gateway client failed (retrying in %g s)", retry, exc_info=True)
         await trio.sleep(retry)

@@ -4,6 +4,7 @@
     GET  /                      the swarm map page (pipeline/_gateway_static/, no build step, no CDN)
     GET  /api/swarm             the same map as JSON (`pipeline._swarm_map`)
     GET  /metrics               Prometheus text format (`pipeline._metrics`)
+    GET  /health                200 when a generation can start now, else 503 saying why
     GET  /v1/models, /v1/models/{id}
     POST /v1/completions, /v1/chat/completions      (``"stream": true``: server-sent events)
 
@@ -251,8 +252,8 @@ def create_app(gateway: Gateway) -> Starlette:
         return Response(body, media_type=content_type)
 
     async def health(request: Request) -> Response:
-        missing = gateway.missing_blocks()
-        return JSONResponse({"ok": not missing, "missing": missing}, status_code=200 if not missing else 503)
+        status, body = gateway.health()
+        return JSONResponse(body, status_code=status, headers={"cache-control": "no-store"})
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})

@@ -9,19 +9,24 @@ gateways in one test process do not collide):
     node = NodeMetrics(registry)                  # the seam run-node fills (see below)
     body, content_type = render(registry)
 
-The node-side seam: `run-node` creates a `NodeMetrics` on the registry its HTTP server serves
-and calls ``session_opened()`` / ``session_closed()``, ``step(seconds, tokens)`` after each
-inference step, ``error(kind)`` when a request fails, and ``cache(used=fn, budget=fn)`` once
-with two callables returning the KV cache bytes in use and the budget (read at scrape time).
+The node side: `run-node` keeps a `NodeMetrics` (registered on the registry its HTTP server
+serves, `node._http`) and calls ``session_opened()`` / ``session_closed()``, ``step(seconds,
+tokens)`` after each step it serves, ``error(kind)`` when it refuses or fails a request, and
+``cache(used=fn, budget=fn)`` once with two callables returning the KV cache bytes reserved and
+the budget (read at scrape time). Its replica is a `SwarmCollector` with the prefix
+``lamina_node_swarm`` (a gateway's own is ``lamina_swarm``: both may share one registry).
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["CollectorRegistry", "GatewayMetrics", "NodeMetrics", "SwarmCollector", "render"]
 
@@ -62,41 +67,73 @@ class GatewayMetrics:
 
 
 class NodeMetrics:
-    """What a node serving blocks counts (filled by run-node; see the module docstring)."""
+    """What a node serving blocks counts (run-node calls it; see the module docstring).
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.sessions_open = Gauge("lamina_node_sessions_open", "inference sessions open on this node",
-                                   registry=registry)
-        self.steps = Counter("lamina_node_steps", "inference steps served", registry=registry)
-        self.tokens = Counter("lamina_node_tokens", "token positions run through this node's blocks",
-                              registry=registry)
-        self.step_latency = Histogram("lamina_node_step_latency_seconds", "time to run one step through the span",
-                                      buckets=LATENCY_BUCKETS, registry=registry)
-        self.errors = Counter("lamina_node_errors", "requests that failed on this node, by kind", ["kind"],
-                              registry=registry)
-        self._cache_used = Gauge("lamina_node_kv_cache_bytes_used", "KV cache bytes allocated to sessions",
-                                 registry=registry)
-        self._cache_budget = Gauge("lamina_node_kv_cache_bytes_budget", "KV cache bytes this node may allocate",
-                                   registry=registry)
+    The counts are plain numbers bumped on the node's event loop (a decode step pays a few
+    additions and one bisect, no lock), turned into metric families at scrape time: register
+    the object itself on a registry (the constructor does when given one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "lamina_node") -> None:
+        self.prefix = prefix
+        self.open_sessions = 0
+        self.opened_sessions = 0
+        self.steps = 0
+        self.tokens = 0
+        self.errors: dict[str, int] = {}
+        self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)   # the last: above every bucket
+        self._latency_sum = 0.0
+        self._cache_used: Callable[[], float] = lambda: 0.0
+        self._cache_budget: Callable[[], float] = lambda: 0.0
+        if registry is not None:
+            registry.register(self)
 
     def session_opened(self) -> None:
-        self.sessions_open.inc()
+        self.open_sessions += 1
+        self.opened_sessions += 1
 
     def session_closed(self) -> None:
-        self.sessions_open.dec()
+        self.open_sessions -= 1
 
     def step(self, seconds: float, tokens: int) -> None:
-        self.steps.inc()
-        self.tokens.inc(tokens)
-        self.step_latency.observe(seconds)
+        """One step (or replay chunk) served: `tokens` positions (rows x positions) in `seconds`."""
+        self.steps += 1
+        self.tokens += tokens
+        self._latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum += seconds
 
     def error(self, kind: str) -> None:
-        self.errors.labels(kind).inc()
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def cache(self, *, used: Callable[[], float], budget: Callable[[], float]) -> None:
         """Read the KV cache's bytes in use and its budget from these callables at each scrape."""
-        self._cache_used.set_function(used)
-        self._cache_budget.set_function(budget)
+        self._cache_used, self._cache_budget = used, budget
+
+    def collect(self) -> Iterable[Metric]:
+        p = self.prefix
+        yield GaugeMetricFamily(f"{p}_sessions_open", "inference sessions open on this node",
+                                value=self.open_sessions)
+        yield CounterMetricFamily(f"{p}_sessions", "inference sessions opened on this node",
+                                  value=self.opened_sessions)
+        yield CounterMetricFamily(f"{p}_steps", "inference steps served (a replay counts each chunk)",
+                                  value=self.steps)
+        yield CounterMetricFamily(f"{p}_tokens", "token positions run through this node's blocks "
+                                                 "(rows x positions of each step)", value=self.tokens)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self._latency_counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(f"{p}_step_latency_seconds",
+                                    "from a step's arrival at the span to its output (batching wait and "
+                                    "forward pass)", buckets=buckets, sum_value=self._latency_sum)
+        errors = CounterMetricFamily(f"{p}_errors", "requests refused or failed on this node, by kind",
+                                     labels=["kind"])
+        for kind in sorted(self.errors):
+            errors.add_metric([kind], self.errors[kind])
+        yield errors
+        yield GaugeMetricFamily(f"{p}_kv_cache_bytes_used", "KV cache bytes reserved by open sessions",
+                                value=self._cache_used())
+        yield GaugeMetricFamily(f"{p}_kv_cache_bytes_budget", "KV cache bytes this node may reserve",
+                                value=self._cache_budget())
 
 
 class SwarmCollector:
@@ -117,9 +154,13 @@ class SwarmCollector:
         states = GaugeMetricFamily(f"{p}_servers_known", "server records in the local replica, by state",
                                    labels=["state"])
         counts: dict[str, int] = {}
+        now, known, me = int(time.time() * 1000), 0, view.peer_id
         for record in view.state.records():
             name = record.state.name.lower()
             counts[name] = counts.get(name, 0) + 1
+            known += record.expires_ms > now and record.peer_id != me
+        yield GaugeMetricFamily(f"{p}_peers_known", "other peers with an unexpired record in the local replica",
+                                value=known)
         for name in ("joining", "online", "draining", "offline"):
             states.add_metric([name], counts.get(name, 0))
         yield states

@@ -27,6 +27,7 @@ function drawSummary(data) {
     `${m.name} · ${m.blocks} blocks · ${data.nodes.length} node(s) · `,
     data.complete ? el("span", { class: "good" }, "full chain")
                   : el("span", { class: "bad" }, `missing blocks ${ranges(data.missing)}`),
+    data.node ? ` · this node: blocks ${data.node.blocks[0]}:${data.node.blocks[1]}, ${data.node.state}` : "",
     ` · gateway: ${data.gateway.sessions_open} session(s) open, ${data.gateway.waiting} waiting`,
     ` · updated ${new Date(data.now_ms).toLocaleTimeString()}`);
 }
