@@ -35,6 +35,7 @@ import torch
 import trio
 
 import p2p
+from crdt import peer_id_to_str
 
 from ._errors import LaminaError
 from ._failover import ALIVE, PROBE, Finished, LinkState, Plan, Refused, Relay, Replace, Send, verdict
@@ -79,6 +80,7 @@ class ChainConfig:
 RTT_REFRESH = 60.0      # seconds before the client measures its RTT to a server again
 UNPUSHABLE_TTL = 300.0  # seconds a pair that could not push is relayed without trying again
 PROBE_TIMEOUT = 3.0  # a node whose session ended must answer an InfoRequest within this to be kept
+FORGIVE_INTERVAL = 3.0  # with no route left, an excluded node is probed again at most this often
 
 
 def unpushable_pairs() -> p2p.ExpiringSet:
@@ -117,6 +119,7 @@ class Chain:
         self.position = 0
         self.reopened = 0                                   # sessions re-opened on a live node
         self._excluded: set[str] = set()
+        self._probed: dict[str, float] = {}                 # excluded peer -> when last probed (_forgive)
         self._next_step = 0
         self._changed = trio.Event()
         self._fast: _Link | None = None                     # the link Chain._read_final reads
@@ -356,16 +359,7 @@ class Chain:
                         silent=isinstance(err, (p2p.PeerFrozenError, p2p.PeerTimeoutError)))
         if found != PROBE:
             return found == ALIVE
-        with trio.move_on_after(PROBE_TIMEOUT):
-            try:
-                reply = await self.host.request(link.hop.peer_id, INFO_PROTOCOL, InfoRequest())
-            except (p2p.P2PError, OSError) as e:
-                log.info("node %s does not answer (%s)", link.hop.peer_id, e)
-                return False
-            return (isinstance(reply, NodeInfo) and reply.model == self.model_hash and reply.state == ONLINE
-                    and reply.start <= link.start and link.end <= reply.end)
-        log.info("node %s does not answer within %.0f s", link.hop.peer_id, PROBE_TIMEOUT)
-        return False
+        return await self._answers(link.hop.peer_id, link.start, link.end)
 
     async def _replay(self, new: list[_Link], boundary: int, position: int) -> None:
         """Rebuild the new links' caches from the inputs stored at `boundary` before `position`."""
@@ -402,12 +396,48 @@ class Chain:
                                     needed_tokens=self.batch * self.max_length,
                                     options=self.config.route_options, excluded=self._excluded)
             except NoRouteError as e:
+                if await self._forgive(start, end):
+                    continue
                 if trio.current_time() >= deadline:
                     raise NoReplacementError(
                         f"no server for blocks [{start}, {end}) within the "
                         f"{self.config.failover_deadline:.0f} s failover deadline: {e}") from None
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(min(deadline, trio.current_time() + FORGIVE_INTERVAL)):
                     await self.view.wait_changed()
+
+    async def _forgive(self, start: int, end: int) -> bool:
+        """With no route left, give the nodes this session excluded for [start, end) a second
+        chance: one that answers a probe again (its link broke, e.g. the relay it was reached
+        through died, but it lives and serves our blocks) is routable again. At most one probe
+        per node every FORGIVE_INTERVAL seconds."""
+        now = trio.current_time()
+        records = {peer_id_to_str(r.peer_id): r for r in self.view.servers(self.model_hash)} if self._excluded else {}
+        forgiven = False
+        for peer in sorted(self._excluded):
+            record = records.get(peer)
+            if (record is None or record.end <= start or end <= record.start
+                    or now - self._probed.get(peer, -math.inf) < FORGIVE_INTERVAL):
+                continue
+            self._probed[peer] = now
+            if await self._answers(peer, max(start, record.start), min(end, record.end)):
+                log.warning("node %s answers again: routing through it once more", peer)
+                self._excluded.discard(peer)
+                forgiven = True
+        return forgiven
+
+    async def _answers(self, peer: str, start: int, end: int) -> bool:
+        """Whether `peer` answers an InfoRequest within PROBE_TIMEOUT, ONLINE, serving our model
+        and blocks [start, end)."""
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                reply = await self.host.request(peer, INFO_PROTOCOL, InfoRequest())
+            except (p2p.P2PError, OSError) as e:
+                log.info("node %s does not answer (%s)", peer, e)
+                return False
+            return (isinstance(reply, NodeInfo) and reply.model == self.model_hash and reply.state == ONLINE
+                    and reply.start <= start and end <= reply.end)
+        log.info("node %s does not answer within %.0f s", peer, PROBE_TIMEOUT)
+        return False
 
     async def _open_links(self, route: list[Hop], nxt: _Link | None, may_relay: bool = True) -> list[_Link]:
         """Open sessions on `route`, last hop first, each pushing to the one after it."""
