@@ -134,10 +134,11 @@ def run_config(model_dir: Path, n: int, delay_ms: float, expected: list[int], lo
                     first = re.sub(r"^/ip4/[^/]+/", f"/ip4/{host.ip}/", node.addr)   # its lab address
             for i, proc in enumerate(procs[1:], 1):
                 wait_ready(proc, logs / f"n{n}-d{delay_ms:g}-node{i}.log", timeout=120)
-            work = client.popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(model_dir),
-                                 "--peer", first, "--expected", json.dumps(expected), "--new-tokens",
-                                 str(args.new_tokens), "--repeats", str(args.repeats)],
-                                stdin=subprocess.DEVNULL, stderr=open(logs / f"n{n}-d{delay_ms:g}-client.log", "wb"))
+            with open(logs / f"n{n}-d{delay_ms:g}-client.log", "wb") as client_log:
+                work = client.popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--model",
+                                     str(model_dir), "--peer", first, "--expected", json.dumps(expected),
+                                     "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
+                                    stdin=subprocess.DEVNULL, stderr=client_log)
             try:
                 results = {}
                 for _ in MODES:

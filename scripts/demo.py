@@ -96,7 +96,7 @@ def _ask(model, args) -> int:
         t1 = time.perf_counter()
         if chat:
             model.chat([{"role": "user", "content": prompt}], max_new_tokens=args.max_new_tokens, streamer=show)
-            new = session.position - len(ids)
+            new = session.position - len(ids) + 1   # the last token (eos or the limit) is never fed back
         else:
             # the tiny model's weights are random: sample (seeded) so the text is not one token
             # repeated; it is gibberish by construction
