@@ -5,7 +5,7 @@
 
 For each node count n and one-way delay d: a NatLab internet (tests/netlab.py) with n public
 hosts, each running `run-node` with an equal share of the tiny model's blocks, and a client
-host; every host's outbound traffic goes through the lab's userspace link emulator with delay d
+host (scripts/_wanlab.py, shared with `bench_swarm.py --clients --links`); every host's outbound traffic goes through the lab's userspace link emulator with delay d
 (`netlab.shape`), so any two hosts see a one-way latency of d. The client (this script again,
 `--worker`, inside the client's namespace) runs `--repeats` generations of `--new-tokens`
 tokens in each mode, after a warm-up generation:
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _clock import TokenClock  # noqa: E402
+from _wanlab import spans, wan_swarm  # noqa: E402  (the lab: nodes on shaped hosts)
 
 PROMPT = [1, 5, 9, 14, 3, 7, 11, 2]
 MODES = ("push", "client_relayed")
@@ -49,11 +49,6 @@ MODES = ("push", "client_relayed")
 
 def _log(text: str) -> None:
     print(f"[bench_wan {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def spans(layers: int, parts: int) -> list[tuple[int, int]]:
-    cuts = [round(i * layers / parts) for i in range(parts + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(parts)]
 
 
 def local_step_ms(model_dir: Path, new_tokens: int, repeats: int) -> tuple[float, list[int]]:
@@ -98,44 +93,24 @@ def worker(args) -> int:
 
 def run_config(model_dir: Path, n: int, delay_ms: float, expected: list[int], local_ms: float,
                args, logs: Path) -> dict:
-    from netlab import NatLab, read_line, shape, stop
+    from netlab import read_line, stop
     from pipeline import load_config
-    from pipeline.launch import spawn_node, wait_ready
 
-    parts = spans(load_config(model_dir).num_hidden_layers, n)
-    with NatLab() as lab:
-        hosts = [lab.add_public_host(f"n{i}") for i in range(n)]
-        client = lab.add_public_host("client")
-        for host in [*hosts, client]:
-            shape(host, delay_ms)
-        procs, first = [], None
+    tag = f"n{n}-d{delay_ms:g}"
+    with wan_swarm(model_dir, spans(load_config(model_dir).num_hidden_layers, n), delay_ms, logs, tag) as swarm:
+        client = swarm.add_client("client")
+        with open(logs / f"{tag}-client.log", "wb") as client_log:
+            work = client.popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--model",
+                                 str(model_dir), "--peer", swarm.first, "--expected", json.dumps(expected),
+                                 "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
+                                stdin=subprocess.DEVNULL, stderr=client_log)
         try:
-            for i, (host, (a, b)) in enumerate(zip(hosts, parts)):
-                argv = ["--blocks", f"{a}:{b}", "--listen", "/ip4/0.0.0.0/tcp/0", "--num-threads", "1",
-                        *(["--initial-peers", first] if first else ["--new-swarm"])]
-                log = logs / f"n{n}-d{delay_ms:g}-node{i}.log"
-                procs.append(spawn_node(model_dir, argv, log, prefix=host.wrap([])))
-                if first is None:
-                    node = wait_ready(procs[0], log, timeout=120)
-                    first = re.sub(r"^/ip4/[^/]+/", f"/ip4/{host.ip}/", node.addr)   # its lab address
-            for i, proc in enumerate(procs[1:], 1):
-                wait_ready(proc, logs / f"n{n}-d{delay_ms:g}-node{i}.log", timeout=120)
-            with open(logs / f"n{n}-d{delay_ms:g}-client.log", "wb") as client_log:
-                work = client.popen([sys.executable, str(Path(__file__).resolve()), "--worker", "--model",
-                                     str(model_dir), "--peer", first, "--expected", json.dumps(expected),
-                                     "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
-                                    stdin=subprocess.DEVNULL, stderr=client_log)
-            try:
-                results = {}
-                for _ in MODES:
-                    rec = json.loads(read_line(work, timeout=600))
-                    results[rec.pop("mode")] = rec
-            finally:
-                stop(work)
+            results = {}
+            for _ in MODES:
+                rec = json.loads(read_line(work, timeout=600))
+                results[rec.pop("mode")] = rec
         finally:
-            for proc in procs:
-                proc.kill()
-                proc.wait()
+            stop(work)
     bound = (n + 1) * delay_ms + local_ms
     push, relayed = results["push"], results["client_relayed"]
     return {
