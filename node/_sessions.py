@@ -7,7 +7,8 @@ given back when it ends, however it ends (closed, idle, stream broken, node drai
 Every step is checked against its session before it reaches the batcher, in the call that turns
 its wire tensor into the span's compute tensor (`ServedSession.accept`): a bad step gets a
 `StepFailed` and never touches the cache or other sessions. `ServedSession.to_wire` turns the
-output back into the session's wire dtype.
+output back into the session's wire format: its dtype, or on a session that packs
+(``<dtype>+int8:<N>``, `pipeline.protocol`), int8 blockwise for a step of at least N tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import trio
 
 import p2p
 from pipeline import KVCache, Span
-from pipeline.protocol import BAD_REQUEST, BUSY, UNKNOWN_SESSION, Replay, Step
+from pipeline._wire_format import decode_int8, encode_int8, packed_width, unpacked_width
+from pipeline.protocol import (BAD_REQUEST, BUSY, HIDDEN_DTYPES, PACKED_DTYPE, PACKINGS, UNKNOWN_SESSION, Replay,
+                               Step, parse_wire_format)
 
 
 class StepError(Exception):
@@ -37,6 +40,7 @@ class StepError(Exception):
 class Reservation:
     tokens: int
     released: bool = False
+    budget: "CacheBudget | None" = field(default=None, repr=False)  # where it came from
 
 
 class CacheBudget:
@@ -64,7 +68,7 @@ class CacheBudget:
                       f"{self.free_tokens} of {self.total_tokens} free")
         self.used_tokens += tokens
         self.sessions += 1
-        return Reservation(tokens)
+        return Reservation(tokens, budget=self)
 
     def release(self, reservation: Reservation) -> None:
         if reservation.released:
@@ -112,7 +116,7 @@ class ServedSession:
     client: p2p.Session  # the client's /lamina/inference/1 stream: every result goes here
     span: Span  # the sub-span [start, end) this session runs
     cache: KVCache
-    dtype: str  # the wire dtype of its hidden states
+    dtype: str  # the wire format asked for (`OpenSession.dtype`); its dtype part once opened
     reservation: Reservation
     next_peer: str | None = None
     next_session: str | None = None
@@ -127,12 +131,30 @@ class ServedSession:
         # What every step is checked against and converted to, read once: the span's compute
         # dtype and device (its own properties walk its modules), the wire dtype as torch's, and
         # the cache's fixed sizes (properties too).
+        self.wire_format = self.dtype
+        self.dtype, self.int8_from = self._wire_format(self.dtype)
         self.compute_dtype: torch.dtype = self.span.dtype
         self.device: torch.device = self.span.device
         self.wire_dtype: torch.dtype = getattr(torch, self.dtype)
         self.hidden_size: int = self.span.config.hidden_size
         self.batch: int = self.cache.batch
         self.max_length: int = self.cache.max_length
+
+    def _wire_format(self, name: str) -> tuple[str, int | None]:
+        """(dtype, min tokens of an int8 blockwise step or None) of the format asked for. One
+        this node does not take is refused with BAD_REQUEST, the reservation given back (the
+        session never opens: `SpanServer._open` reserved before it built the session)."""
+        try:
+            dtype, packing, int8_from = parse_wire_format(name)
+            if packing is not None and packing not in PACKINGS:
+                raise ValueError(f"this node does not support the wire format {name!r}: it takes "
+                                 f"{', '.join(HIDDEN_DTYPES)}, each alone or as <dtype>+int8:<min tokens> "
+                                 f"(steps of that many tokens or more int8 blockwise)")
+        except ValueError as exc:
+            if self.reservation.budget is not None:
+                self.reservation.budget.release(self.reservation)
+            raise p2p.RemoteError(BAD_REQUEST, str(exc)) from None
+        return dtype, int8_from
 
     @property
     def start(self) -> int:
@@ -160,10 +182,10 @@ class ServedSession:
         if msg.session_id != self.session_id:
             raise StepError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this stream")
         hidden = msg.hidden
-        if hidden.dtype != self.dtype:
-            raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}, "
-                                         f"the session was opened for {self.dtype}")
         b, t, d = hidden.shape
+        coded = hidden.dtype != self.dtype
+        if coded:  # packed, or a replay's float32 on a session that packs; anything else refused
+            d = self._coded_width(hidden, what)
         if d != self.hidden_size:
             raise StepError(BAD_REQUEST, f"{what} hidden size is {d}, the model's is {self.hidden_size}")
         if b != self.batch:
@@ -176,14 +198,44 @@ class ServedSession:
         if position + t > self.max_length:
             raise StepError(BAD_REQUEST, f"{what} reaches position {position + t}, past the session's "
                                          f"max_length {self.max_length}")
-        x = hidden.to_torch()
+        if coded and hidden.dtype == PACKED_DTYPE:
+            try:
+                x = decode_int8(hidden.to_torch(), d)
+            except ValueError as exc:
+                raise StepError(BAD_REQUEST, f"{what} int8 blockwise hidden states: {exc}") from None
+        else:
+            x = hidden.to_torch()
         if x.dtype != self.compute_dtype or x.device != self.device:
             x = x.to(device=self.device, dtype=self.compute_dtype)
         return x
 
+    def _coded_width(self, hidden: p2p.Tensor, what: str) -> int:
+        """The hidden size a tensor not in the session's dtype carries, if the session takes it:
+        a step packed int8 blockwise, or a replay in float32, on a session that packs."""
+        if self.int8_from is None:
+            raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}, "
+                                         f"the session was opened for {self.dtype}")
+        if hidden.dtype == PACKED_DTYPE and what == "step":
+            width = hidden.shape[2]
+            d = unpacked_width(width)
+            if d != self.hidden_size:
+                raise StepError(BAD_REQUEST, f"step int8 blockwise rows are {width} bytes wide; the model's hidden "
+                                             f"size {self.hidden_size} packs to {packed_width(self.hidden_size)}")
+            return d
+        if hidden.dtype == "float32" and what == "replay":
+            return hidden.shape[2]
+        raise StepError(BAD_REQUEST, f"{what} hidden states are {hidden.dtype}; the session was opened for "
+                                     f"{self.wire_format}: steps come as {self.dtype} or int8 blockwise, "
+                                     f"replays as {self.dtype} or float32")
+
     def to_wire(self, hidden: torch.Tensor) -> p2p.Tensor:
-        """A step's output in the session's wire dtype, on the CPU (shared, not copied, when it
-        already is both)."""
+        """A step's output in the session's wire format, on the CPU (shared, not copied, when it
+        already is in its dtype there): packed when the session packs steps this long and the
+        values pack, else in the session's dtype."""
+        if self.int8_from is not None and hidden.shape[1] >= self.int8_from:
+            packed = encode_int8(hidden)
+            if packed is not None:
+                return p2p.Tensor.from_torch(packed)
         if hidden.dtype is not self.wire_dtype or hidden.device.type != "cpu":
             hidden = hidden.to(device="cpu", dtype=self.wire_dtype)
         return p2p.Tensor.from_torch(hidden)

@@ -11,8 +11,8 @@ from ._checkpoint import (Checkpoint, LoadReport, check_device, load_client_head
 from ._config import SUPPORTED_ARCHITECTURES, ModelConfig
 from ._errors import (CacheError, ChatTemplateError, CheckpointNotFoundError, ConfigError, InvalidInputError,
                       InvalidOptionError, InvalidSpanError, LaminaError, ModelClosedError, ModelLoadError,
-                      StreamTimeoutError, SwarmUnavailableError, UnknownOptionError, UnsupportedDtypeError,
-                      UnsupportedModelError)
+                      SpotCheckError, StreamTimeoutError, SwarmUnavailableError, UnknownOptionError,
+                      UnsupportedDtypeError, UnsupportedModelError)
 from ._generation import GenerationConfig, agenerate, generate, next_tokens
 from ._local import CausalLMOutput, LocalModelForCausalLM
 from ._model import ClientHead, KVCache, Segment, Span
@@ -25,7 +25,7 @@ __all__ = [
     "CheckpointNotFoundError", "ConfigError", "InvalidSpanError", "LaminaError", "ModelLoadError",
     "UnsupportedDtypeError", "UnsupportedModelError", "InvalidOptionError", "UnknownOptionError",
     "InvalidInputError", "ChatTemplateError", "SwarmUnavailableError", "ModelClosedError",
-    "StreamTimeoutError", "GenerationConfig", "agenerate", "generate", "next_tokens", "CausalLMOutput",
+    "StreamTimeoutError", "SpotCheckError", "GenerationConfig", "agenerate", "generate", "next_tokens", "CausalLMOutput",
     "LocalModelForCausalLM", "ClientHead", "KVCache", "Segment", "Span", "IncrementalDecoder",
     "TextStreamer", "TextIteratorStreamer", "Tokenizer",
 ]
@@ -35,6 +35,7 @@ _LAZY = {
     "DistributedModelForCausalLM": "._client",
     "AsyncDistributedModelForCausalLM": "._client",
     "RemoteSession": "._client",
+    "SpotCheckStats": "._spotcheck",
     "NoReplacementError": "._chain",
     "RemoteStepError": "._chain",
     "TooManyFailuresError": "._chain",

@@ -1,6 +1,7 @@
 """Generate from the shell.
 
-    python -m pipeline generate --model DIR --prompt "Once upon a time" [--local | --initial-peers ... [--swarm-key FILE]]
+    python -m pipeline generate --model DIR --prompt "Once upon a time" [--local | --initial-peers ... [--swarm-key FILE]
+                                [--wire-format FORMAT]]
     python -m pipeline write-tiny DIR [--preset tiny|small|micro]
 """
 
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="cpu")
     g.add_argument("--show-route", action="store_true", help="log the chosen route")
+    g.add_argument("--wire-format", default=None, metavar="FORMAT",
+                   help="how hidden states travel between nodes: model (the default: in --dtype), float16, "
+                        "bfloat16, float32, int8 (steps of 64+ tokens int8 blockwise), int8:N, <dtype>+int8[:N]")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; use 1 when sharing cores)")
     w = sub.add_parser("write-tiny", help="write the embedded tiny model")
@@ -102,6 +106,8 @@ def _generate(args) -> int:
     if args.no_eos:
         options["eos_token_id"] = []
     if args.local:
+        if args.wire_format is not None:
+            raise ValueError("--wire-format is how hidden states travel between nodes: not with --local")
         from ._local import LocalModelForCausalLM
 
         model = LocalModelForCausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -116,7 +122,7 @@ def _generate(args) -> int:
             raise ValueError("give --initial-peers (or --local to run every block here)")
         with DistributedModelForCausalLM.from_pretrained(
                 args.model, initial_peers=args.initial_peers, device=args.device, dtype=args.dtype,
-                swarm_key=args.swarm_key) as model:
+                swarm_key=args.swarm_key, wire_format=args.wire_format) as model:
             ids = _input_ids(args, model.tokenizer)
             t0 = time.perf_counter()
             with model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as session:

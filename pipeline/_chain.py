@@ -37,13 +37,16 @@ import trio
 import p2p
 from crdt import peer_id_to_str
 
-from ._errors import LaminaError
+from ._errors import InvalidOptionError, LaminaError
 from ._failover import ALIVE, PROBE, Finished, LinkState, Plan, Refused, Relay, Replace, Send, verdict
 from .protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, CloseSession, InfoRequest, NodeInfo,
                         OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step, StepFailed,
                         StepResult, new_session_id)
 from ._routing import DISTRUST_TTL, Hop, NoRouteError, RouteOptions, choose_route, describe_route
+from ._spotcheck import (DEFAULT_TOLERANCE, INT8_TOLERANCE, Redo, SpotChecker, SpotCheckStats, check_rate,
+                         held_inputs)
 from ._swarm import now_ms
+from ._wire_format import WireCodec, WireFormat
 
 log = logging.getLogger("lamina.client")
 
@@ -75,6 +78,18 @@ class ChainConfig:
     # the client carries every hop's output to the next node, as it does for nodes that cannot
     # push to each other (2n link latencies per step instead of n+1): for comparisons
     client_relays: bool = False
+    # re-run this fraction of the steps on second servers and compare (`pipeline._spotcheck`)
+    spot_check: float = 0.0
+    spot_check_tolerance: float = DEFAULT_TOLERANCE
+    spot_check_stats: SpotCheckStats = field(default_factory=SpotCheckStats)  # shared by the client's sessions
+    wire_format: str | None = None   # how hidden states travel (`_wire_format`); None: in `dtype`
+
+    def __post_init__(self) -> None:
+        WireFormat.parse(self.wire_format)   # a bad one fails in from_pretrained, not at a session
+        check_rate(self.spot_check)
+        tolerance = self.spot_check_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+            raise InvalidOptionError(f"spot_check_tolerance must be a positive number, got {tolerance!r}")
 
 
 RTT_REFRESH = 60.0      # seconds before the client measures its RTT to a server again
@@ -107,7 +122,7 @@ class Chain:
 
     def __init__(self, host: p2p.Host, view, model_hash: str, num_blocks: int, *, batch: int,
                  max_length: int, dtype: torch.dtype, config: ChainConfig,
-                 unpushable: p2p.ExpiringSet | None = None) -> None:
+                 unpushable: p2p.ExpiringSet | None = None, hidden_size: int | None = None) -> None:
         self.host, self.view, self.model_hash = host, view, model_hash
         # (upstream, downstream) peers where the upstream could not push lately; shared by one
         # client's sessions, so a new session relays between them from its first step instead
@@ -115,6 +130,7 @@ class Chain:
         self.unpushable = unpushable if unpushable is not None else unpushable_pairs()
         self.num_blocks, self.batch, self.max_length = num_blocks, batch, max_length
         self.dtype, self.config = dtype, config
+        self.wire = WireCodec(WireFormat.parse(config.wire_format), dtype, hidden_size)  # history: wire form
         self.plan = Plan(num_blocks, config.max_failovers)
         self.position = 0
         self.reopened = 0                                   # sessions re-opened on a live node
@@ -128,6 +144,15 @@ class Chain:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._timing = (-1, 0.0, 0)  # (step id, when the last echo of it came, failovers then)
+        self._spot: SpotChecker | None = None
+        if config.spot_check > 0:
+            tolerance = config.spot_check_tolerance
+            if self.wire.int8_from is not None and tolerance == DEFAULT_TOLERANCE:
+                tolerance = INT8_TOLERANCE
+            self._spot = SpotChecker(host, view, model_hash, rate=config.spot_check, tolerance=tolerance,
+                                     stats=config.spot_check_stats, options=config.route_options,
+                                     connect=self._connect, timeout=config.step_timeout, decode=self.wire.decode)
+            self.plan.keep_final = True
 
     @property
     def links(self) -> list[_Link]:
@@ -184,8 +209,7 @@ class Chain:
                              f"{self.max_length}")
         if position > self.position:
             raise ValueError(f"step at {position} but the session holds {self.position} positions")
-        if hidden.dtype != self.dtype or not hidden.is_contiguous():
-            hidden = hidden.to(self.dtype).contiguous()
+        hidden = self.wire.encode(hidden)
         step_id = self._next_step
         self._next_step += 1
         self.plan.begin(step_id, position, hidden)
@@ -200,7 +224,9 @@ class Chain:
         if out is None:
             out = await self._await_final(position)
         self.position = position + t
-        return out
+        if self._spot is not None and self._spot.sampler.sample():
+            out = await self._spot_check(step_id, position, out)
+        return self.wire.decode(out)
 
     async def _read_final(self) -> torch.Tensor | None:
         """The usual case, without a task switch per step: read the last link's stream in this
@@ -372,7 +398,7 @@ class Chain:
         step_ids = [sid for _, sid, _ in chunks]      # the new hops push to each other already
         msg = Replay(session_id=new[0].session_id, step_ids=tuple(step_ids),
                      chunks=tuple(h.shape[1] for _, _, h in chunks),
-                     hidden=p2p.Tensor.from_torch(torch.cat([h for _, _, h in chunks], dim=1)),
+                     hidden=p2p.Tensor.from_torch(self.wire.replay([h for _, _, h in chunks])),
                      push=len(new) > 1)
         last = new[-1]
         with trio.fail_after(self.config.step_timeout):
@@ -385,6 +411,71 @@ class Chain:
                     return
                 changed = self._changed
                 await changed.wait()
+
+    # --- spot checks -------------------------------------------------------------------
+    async def _spot_check(self, step_id: int, position: int, out: torch.Tensor) -> torch.Tensor:
+        """Compare every hop's outputs so far with other servers' (`pipeline._spotcheck`). With
+        a faulty node on the route, rebuild the route without it and return this step's output
+        recomputed; raise `Redo` when the outputs of earlier steps were wrong too."""
+        assert self._spot is not None
+        end, history = self.position, self.plan.history
+        # nodes echo to the client after pushing on: the final result may come before an echo
+        with trio.move_on_after(self.config.step_timeout):
+            while any(self.plan.latest.get(link.session_id, -1) < step_id for link in self.links[:-1]):
+                changed = self._changed
+                await changed.wait()
+        hops = [(link.hop.peer_id, link.start, link.end) for link in self.links]
+        faults = await self._spot.check(hops, held_inputs(history, end, self.wire.replay), self.wire.name,
+                                        self._excluded)
+        route = {peer for peer, _, _ in hops}
+        found = [f for f in faults if f.peer in route]
+        if not found:
+            return out
+        self._excluded.update(f.peer for f in found)
+        out = await self._rebuild(end)
+        first = min(found, key=lambda f: f.position)
+        if first.position < position:
+            self._spot.stats.redos += 1
+            raise Redo(first.position, first.peer)
+        return out
+
+    async def _rebuild(self, position: int) -> torch.Tensor:
+        """A new route for every block, without the excluded nodes, its caches rebuilt from the
+        client's own inputs for [0, position); returns the current step's output from it."""
+        assert self._spot is not None
+        self._spot.stats.rebuilds += 1
+        old, self.links = self.links, []
+        for link in old:
+            await self._drop(link, polite=True)
+        self.plan.history.forget_outputs()   # they were computed from the faulty node's
+        deadline = trio.current_time() + self.config.failover_deadline
+        while True:
+            route = await self._route(0, self.num_blocks, deadline=deadline)
+            try:
+                new = await self._open_links(route, None, may_relay=False)
+            except _OpenFailed as e:
+                self._excluded.add(e.peer_id)
+                continue
+            try:
+                await self._replay(new, 0, position)
+                for up, nxt in zip(new, new[1:]):
+                    if self._relays(up.hop, nxt):
+                        await self._wire(up, nxt)
+            except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
+                culprit = next((link for link in new if link.broken is not None), new[0])
+                log.warning("rebuilt route: %s failed during replay (%s)", culprit.hop.peer_id, e)
+                self._excluded.add(culprit.hop.peer_id)
+                for link in new:
+                    await self._drop(link, polite=False)
+                continue
+            break
+        self.links = new
+        self._deadline = trio.current_time() + self.config.step_timeout
+        log.warning("route rebuilt without the faulty node: %s", describe_route(self.route))
+        out = self.plan.take_final()
+        if out is None:
+            raise LaminaError("the rebuilt route did not return the step's output")
+        return out
 
     # --- opening links -----------------------------------------------------------------
     async def _route(self, start: int, end: int, deadline: float | None = None) -> list[Hop]:
@@ -492,7 +583,7 @@ class Chain:
                     await session.send(OpenSession(
                         session_id=sid, model=self.model_hash, start=hop.start, end=hop.end,
                         max_length=self.max_length, batch=self.batch,
-                        dtype=str(self.dtype).removeprefix("torch."),
+                        dtype=self.wire.name,
                         next_peer=None if relay or nxt is None else nxt.hop.peer_id,
                         next_session=None if relay or nxt is None else nxt.session_id))
                     reply = await session.receive()
@@ -570,7 +661,7 @@ class Chain:
         plan = self.plan
         if isinstance(msg, StepResult):
             out = msg.hidden.to_torch()
-            if out.shape[0] != self.batch or out.dtype != self.dtype:
+            if out.shape[0] != self.batch or (out.dtype != self.wire.dtype and self.wire.refusal(out)):
                 plan.on_broken(link, p2p.RemoteProtocolError(f"{link.hop.peer_id} sent a result of the wrong shape"))
             else:
                 urgent = False

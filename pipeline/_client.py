@@ -35,10 +35,11 @@ import p2p
 
 from ._bridge import Held, TrioThread, clear_errors, cleared
 from ._chain import Chain, ChainConfig, unpushable_pairs
+from ._spotcheck import SpotCheckStats
 from ._checkpoint import Checkpoint, load_client_head
-from ._errors import (CacheError, InvalidInputError, InvalidOptionError, LaminaError, ModelClosedError,
-                      SwarmUnavailableError, UnknownOptionError)
-from ._generation import GenerationConfig, Streamer, agenerate, generate
+from ._errors import (CacheError, InvalidInputError, InvalidOptionError, LaminaError,
+                      ModelClosedError, SpotCheckError, SwarmUnavailableError, UnknownOptionError)
+from ._generation import GenerationConfig, Redo, Streamer, agenerate, generate
 from ._genconfig import read_generation_config
 from ._inputs import Padding, as_batch
 from ._local import CausalLMOutput, pick_dtype
@@ -61,7 +62,7 @@ class ClientOptions:
 
 
 def _options(kwargs: dict[str, Any]) -> ClientOptions:
-    chain_fields = set(ChainConfig.__dataclass_fields__) - {"route_options"}
+    chain_fields = set(ChainConfig.__dataclass_fields__) - {"route_options", "spot_check_stats"}
     unknown = set(kwargs) - chain_fields - {"allowed_servers", "blocked_servers", "connect_timeout", "max_length"}
     if unknown:
         raise UnknownOptionError(
@@ -174,6 +175,12 @@ class AsyncDistributedModelForCausalLM:
         self.generation_defaults = read_generation_config(checkpoint)   # generation_config.json
         self.model_hash = checkpoint.model_hash
 
+    @property
+    def spot_check_stats(self) -> SpotCheckStats:
+        """What this client's spot checks did (`spot_check=` option): steps and hops checked,
+        mismatches, the nodes found faulty (never routed through again) and why."""
+        return self.options.chain.spot_check_stats
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, initial_peers: Sequence[str] | None = None,
                         device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -183,7 +190,10 @@ class AsyncDistributedModelForCausalLM:
         """`async with` it. `dtype` (or `torch_dtype`, transformers' name): "auto" (the
         checkpoint's), float32, bfloat16, float16. `swarm_key`: a private swarm's key (a
         `p2p.SwarmKey`, or the path of its swarm.key file; default: the file
-        $LAMINA_SWARM_KEY names, else an open swarm); a bad key file raises `p2p.SwarmKeyError`."""
+        $LAMINA_SWARM_KEY names, else an open swarm); a bad key file raises `p2p.SwarmKeyError`.
+        `wire_format`: how hidden states travel: "model" (the default: in `dtype`), "float16",
+        "bfloat16", "float32", "int8" (steps of 64 tokens or more int8 blockwise, the others in
+        `dtype`), "int8:N", or "<dtype>+int8[:N]" (see `pipeline._wire_format`)."""
         return cleared(cls._open(name_or_path, initial_peers, device, pick_dtype(dtype, torch_dtype),
                                  identity, swarm_key, options))
 
@@ -254,7 +264,7 @@ class AsyncDistributedModelForCausalLM:
             raise CacheError(f"batch must be an integer >= 1, got {batch!r}")
         chain = Chain(self.host, self.view, self.model_hash, self.config.num_hidden_layers,
                       batch=batch, max_length=max_length, dtype=self.dtype, config=self.options.chain,
-                      unpushable=self._unpushable)
+                      unpushable=self._unpushable, hidden_size=self.config.hidden_size)
         async with trio.open_nursery() as nursery:
             try:
                 await chain.open(nursery)
@@ -282,7 +292,12 @@ class AsyncDistributedModelForCausalLM:
             return CausalLMOutput(padding.mask_logits(self.head.logits(hidden).clone()))
         if session is not None:
             run = ids if session.pending is None else torch.cat([session.pending, ids], dim=1)
-            hidden = await session.chain.step(self.head.embed(run), session.position)
+            try:
+                hidden = await session.chain.step(self.head.embed(run), session.position)
+            except Redo as e:
+                raise SpotCheckError(f"node {e.peer} returned wrong outputs from position {e.position}, before "
+                                     f"this call: what earlier calls on this session returned may be wrong "
+                                     f"(the session now runs without that node)") from None
             session.pending = None
             return CausalLMOutput(self.head.logits(hidden[:, run.shape[1] - ids.shape[1]:]))
         async with self._session(ids.shape[1], ids.shape[0]) as s:
@@ -418,6 +433,10 @@ class DistributedModelForCausalLM:
     @property
     def route(self):
         return self._active.route if self._active else None
+
+    @property
+    def spot_check_stats(self) -> SpotCheckStats:
+        return self._model.spot_check_stats
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
         return self._open().run(self._model.forward, input_ids, self._active, attention_mask)

@@ -14,6 +14,7 @@ __all__ = [
     "LaminaError", "ModelLoadError", "CheckpointNotFoundError", "ConfigError", "UnsupportedModelError",
     "InvalidSpanError", "UnsupportedDtypeError", "CacheError", "InvalidOptionError", "UnknownOptionError",
     "InvalidInputError", "ChatTemplateError", "SwarmUnavailableError", "ModelClosedError", "StreamTimeoutError",
+    "SpotCheckError",
 ]
 
 
@@ -73,3 +74,9 @@ class ModelClosedError(LaminaError):
 class StreamTimeoutError(LaminaError, queue.Empty, TimeoutError):
     """A text streamer's iterator waited longer than its `timeout` for the next piece of text
     (a `queue.Empty`, as transformers' `TextIteratorStreamer` raises, and a `TimeoutError`)."""
+
+
+class SpotCheckError(LaminaError):
+    """A faulty node's outputs (found by a spot check, `pipeline._spotcheck`) reached tokens this
+    client can no longer take back: streamed already, or returned by an earlier call on the same
+    session."""

@@ -127,6 +127,11 @@ class History:
                 del store[pos]
         store[position] = (step_id, hidden)
 
+    def forget_outputs(self) -> None:
+        """Keep only the client's own inputs (boundary 0): every other boundary holds nodes'
+        outputs, which a rebuilt route recomputes (after a spot check found one wrong)."""
+        self._store = {0: self._store[0]} if 0 in self._store else {}
+
     def input(self, boundary: int, position: int, step_id: int) -> Any | None:
         """The input at `boundary` for `position` produced by step `step_id`, if it is in."""
         got = self._store.get(boundary, {}).get(position)
@@ -170,6 +175,9 @@ class Plan:
         self.failovers = 0                               # over the chain's life
         self._step = _Step()
         self._final: dict[int, Any] = {}                 # the current step's result
+        # also keep every final result in `history` (at boundary num_blocks): spot checks
+        # compare the last hop's outputs too
+        self.keep_final = False
         self._refused: dict[int, Refused] = {}
         # step id -> (session id, target session id) of the pushes that failed
         self._push_failed: dict[int, set[tuple[str, str]]] = {}
@@ -186,6 +194,8 @@ class Plan:
         if link.end == self.num_blocks:
             if step_id == self._step.step_id:   # a stale final result is dropped
                 self._final.setdefault(step_id, hidden)
+            if self.keep_final:
+                self.history.remember(link.end, position, step_id, hidden)
         else:
             self.history.remember(link.end, position, step_id, hidden)
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Generator, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from ._errors import InvalidOptionError
+from ._errors import InvalidOptionError, SpotCheckError
 from ._genconfig import check_options, known_options, merge, options_of
 from ._inputs import as_batch
 from ._model import ClientHead
@@ -339,26 +339,122 @@ def generation_loop(head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
     return ids
 
 
+MAX_REDOS = 4  # generations started again (a spot check found a faulty node each time)
+
+
+class Redo(Exception):
+    """Raised by a step: the outputs of the steps from `position` on were wrong (a node a spot
+    check caught, now routed around), so the tokens chosen since must be chosen again. The
+    drivers below start the generation again from its prompt. Internal to the client."""
+
+    def __init__(self, position: int, peer: str) -> None:
+        super().__init__(f"outputs from position {position} on came from faulty node {peer}")
+        self.position = position
+        self.peer = peer
+
+
+class _Shown:
+    """A streamer across restarts: what it was shown is not shown again, and a token that
+    comes out differently the second time raises `SpotCheckError` (it is on screen)."""
+
+    def __init__(self, streamer: Streamer) -> None:
+        self.streamer = streamer
+        self.tokens: list[Tensor] = []
+        self.prompted = False
+        self.next = -1   # -1: the prompt comes next
+
+    def again(self) -> None:
+        self.next = -1
+
+    def put(self, value: Tensor) -> None:
+        i, self.next = self.next, self.next + 1
+        if i < 0:
+            if not self.prompted:
+                self.prompted = True
+                self.streamer.put(value)
+        elif i < len(self.tokens):
+            if not torch.equal(self.tokens[i], value):
+                raise SpotCheckError(f"new token {i} was streamed before a spot check found a faulty node "
+                                     f"upstream of it: the verified route chose {value.tolist()}, the "
+                                     f"streamer showed {self.tokens[i].tolist()}")
+        else:
+            self.tokens.append(value.clone())
+            self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
+def _restartable(cfg: GenerationConfig, streamer: Streamer | None) -> tuple[GenerationConfig, _Shown | None]:
+    """The config with a fixed seed (a restart then draws the same numbers) and the streamer
+    wrapped for restarts."""
+    if cfg.do_sample and cfg.seed is None:
+        cfg = replace(cfg, seed=int.from_bytes(os.urandom(7), "little"))
+    return cfg, (_Shown(streamer) if streamer is not None else None)
+
+
+def _redo_in(error: BaseException) -> "Redo | None":
+    """The `Redo` that `error` is or only holds (a step over several sessions raises a group)."""
+    if isinstance(error, Redo):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        redos = [_redo_in(e) for e in error.exceptions]
+        if redos and all(r is not None for r in redos):
+            return min(redos, key=lambda r: r.position)  # type: ignore[union-attr]
+    return None
+
+
+def _again(redo: Redo, redos: int, start: int, shown: _Shown | None) -> None:
+    if redo.position < start:
+        raise SpotCheckError(f"node {redo.peer} returned wrong outputs from position {redo.position}, before "
+                             f"this call's first position {start}: what earlier calls on this session returned "
+                             f"may be wrong (the session now runs without that node)") from None
+    if redos >= MAX_REDOS:
+        raise SpotCheckError(f"spot checks found a faulty node {redos + 1} times in one generation; "
+                             f"giving up (the last: {redo.peer})") from None
+    if shown is not None:
+        shown.again()
+
+
 def generate(step: StepFn, head: ClientHead, input_ids: Tensor, cfg: GenerationConfig,
              streamer: Streamer | None = None, start: int = 0) -> Tensor:
-    """Prefill `input_ids` at position `start` then decode; returns prompt + new tokens."""
-    loop = generation_loop(head, input_ids, cfg, streamer, start)
-    try:
-        request = next(loop)
-        while True:
-            request = loop.send(step(*request))
-    except StopIteration as done:
-        return done.value
+    """Prefill `input_ids` at position `start` then decode; returns prompt + new tokens. A step
+    raising `Redo` starts the generation again from the prompt (at most MAX_REDOS times)."""
+    cfg, shown = _restartable(cfg, streamer)
+    for redos in range(MAX_REDOS + 1):
+        loop = generation_loop(head, input_ids, cfg, shown, start)
+        try:
+            request = next(loop)
+            while True:
+                request = loop.send(step(*request))
+        except StopIteration as done:
+            return done.value
+        except BaseException as e:
+            redo = _redo_in(e)
+            if redo is None:
+                raise
+            loop.close()
+            _again(redo, redos, start, shown)
+    raise AssertionError("unreachable")
 
 
 async def agenerate(step: Callable[[Tensor, int], Awaitable[Tensor]], head: ClientHead,
                     input_ids: Tensor, cfg: GenerationConfig, streamer: Streamer | None = None,
                     start: int = 0) -> Tensor:
     """`generate` with an async step (a remote chain)."""
-    loop = generation_loop(head, input_ids, cfg, streamer, start)
-    try:
-        request = next(loop)
-        while True:
-            request = loop.send(await step(*request))
-    except StopIteration as done:
-        return done.value
+    cfg, shown = _restartable(cfg, streamer)
+    for redos in range(MAX_REDOS + 1):
+        loop = generation_loop(head, input_ids, cfg, shown, start)
+        try:
+            request = next(loop)
+            while True:
+                request = loop.send(await step(*request))
+        except StopIteration as done:
+            return done.value
+        except BaseException as e:
+            redo = _redo_in(e)
+            if redo is None:
+                raise
+            loop.close()
+            _again(redo, redos, start, shown)
+    raise AssertionError("unreachable")

@@ -70,6 +70,9 @@ class RouteOptions:
     # sessions; and each server's measured per-block step time (`observe_hop`)
     distrusted: p2p.ExpiringSet = field(default_factory=lambda: p2p.ExpiringSet(DISTRUST_TTL))
     measured_block_ms: dict[str, tuple[float, int]] = field(default_factory=dict)  # (ms, when: wall ms)
+    # servers a spot check caught returning wrong outputs (`pipeline._spotcheck`): peer id ->
+    # what was found; never routed through again by this client
+    faulty: dict[str, str] = field(default_factory=dict)
 
     def distrust_refusal(self, peer_id: str, error: BaseException) -> bool:
         """Note that `peer_id` refused to open a session the router chose from its record;
@@ -102,7 +105,7 @@ def usable(record: ServerRecord, now_ms: int, needed_tokens: int, opts: RouteOpt
     pid = peer_id_to_str(record.peer_id)
     if record.state is not ServerState.ONLINE or record.expires_ms <= now_ms:
         return False
-    if pid in opts.blocked_peers or pid in excluded or pid in opts.distrusted:
+    if pid in opts.blocked_peers or pid in excluded or pid in opts.distrusted or pid in opts.faulty:
         return False
     if opts.allowed_peers is not None and pid not in opts.allowed_peers:
         return False

@@ -35,6 +35,22 @@ Error codes (`p2p.RemoteError.code` of an error frame, or `StepFailed.code`):
 * ending an open session (error frame): IDLE_TIMEOUT; on a push stream, UNKNOWN_SESSION (the
   session is not, or no longer, open there).
 
+Wire formats (`OpenSession.dtype`, parsed by `parse_wire_format`): how a session's hidden states
+travel, both ways (client -> node, node -> next node, node -> client).
+
+* ``<dtype>`` (``float32``, ``float16``, ``bfloat16``): every step as that dtype (a node converts
+  to and from its compute dtype);
+* ``<dtype>+int8:<N>``: the same, except that a step of at least N tokens (a prefill) travels as
+  int8 blockwise (`PACKED_DTYPE`): ``[B, T, D + 2 * ceil(D / INT8_BLOCK) + 4 * INT8_OUTLIERS]``
+  int8, each token's row its D values quantized by blocks of `INT8_BLOCK` along the hidden dim,
+  then one float16 absmax scale per block, then its `INT8_OUTLIERS` largest values apart (int16
+  indices, increasing, then float16 values), all little-endian (`pipeline/_wire_format.py`).
+  The sender of a step decides by its length: a node packs its output of a step (or replay
+  chunk) of at least N tokens; a receiver takes either form of any step. A Replay on such a
+  session may carry float32 (every value of either form is exact in float32: the replacement
+  gets the values the original node got). A packing a node does not know is refused with
+  BAD_REQUEST.
+
 `NodeInfo.state` is the lower-case name of the node's `crdt.ServerState` ("joining", "online",
 "draining", "offline"): a client routes only to ONLINE.
 """
@@ -66,13 +82,20 @@ MAX_LENGTH = 1 << 20
 MAX_BLOCK = 4096
 MAX_CHUNKS = 4096
 HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
+PACKED_DTYPE = "int8"  # a step's hidden states in the int8 blockwise packing
+INT8_BLOCK = 64  # values per float16 scale in the int8 blockwise packing
+INT8_OUTLIERS = 4  # values per token the int8 blockwise packing carries apart, in float16
+PACKINGS = ("int8",)  # the packings this version's nodes take (`<dtype>+<packing>:<min tokens>`)
+STEP_DTYPES = (*HIDDEN_DTYPES, PACKED_DTYPE)
 _SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+_WIRE_FORMAT = re.compile(r"^(float32|bfloat16|float16)(?:\+([a-z][a-z0-9]{0,7}):([1-9][0-9]{0,6}))?$")
 
 __all__ = [
     "INFERENCE_PROTOCOL", "PUSH_PROTOCOL", "INFO_PROTOCOL",
     "BUSY", "DRAINING", "BAD_REQUEST", "UNKNOWN_SESSION", "IDLE_TIMEOUT", "INTERNAL", "ONLINE",
     "MAX_BATCH", "MAX_LENGTH", "MAX_BLOCK", "MAX_CHUNKS", "HIDDEN_DTYPES",
-    "new_session_id",
+    "PACKED_DTYPE", "INT8_BLOCK", "INT8_OUTLIERS", "PACKINGS", "STEP_DTYPES",
+    "new_session_id", "parse_wire_format",
     "OpenSession", "SessionOpened", "Step", "Replay", "StepResult", "StepFailed", "PushFailed",
     "SetNextHop", "CloseSession", "PushOpen", "InfoRequest", "NodeInfo",
 ]
@@ -80,6 +103,19 @@ __all__ = [
 
 def new_session_id() -> str:
     return secrets.token_hex(16)
+
+
+def parse_wire_format(name: str) -> tuple[str, str | None, int | None]:
+    """A session's wire format (module docstring) as (dtype, packing, min tokens):
+    "float16" -> ("float16", None, None), "float32+int8:64" -> ("float32", "int8", 64). Raises
+    `ValueError` for a malformed name; a well-formed packing may still be one a node does not
+    know (it refuses the session with BAD_REQUEST)."""
+    m = _WIRE_FORMAT.match(name)
+    if m is None:
+        raise ValueError(f"wire format {name!r} is not one of {HIDDEN_DTYPES}, alone or as "
+                         f"<dtype>+<packing>:<min tokens> (e.g. float16+int8:64)")
+    dtype, packing, tokens = m.groups()
+    return dtype, packing, int(tokens) if tokens is not None else None
 
 
 def _check_session_id(value: str | None) -> None:
@@ -103,7 +139,7 @@ class OpenSession(p2p.Message):
     end: int = p2p.field(min_value=1, max_value=MAX_BLOCK)
     max_length: int = p2p.field(min_value=1, max_value=MAX_LENGTH)
     batch: int = p2p.field(min_value=1, max_value=MAX_BATCH)
-    dtype: str = p2p.field(max_len=16)
+    dtype: str = p2p.field(max_len=32)                # the wire format (module docstring)
     next_peer: str | None = p2p.field(default=None, max_len=128)
     next_session: str | None = p2p.field(default=None, max_len=32)
 
@@ -111,8 +147,7 @@ class OpenSession(p2p.Message):
         _check_next_hop(self)
         if self.start >= self.end:
             raise ValueError(f"span [{self.start}, {self.end}) is empty")
-        if self.dtype not in HIDDEN_DTYPES:
-            raise ValueError(f"dtype must be one of {HIDDEN_DTYPES}")
+        parse_wire_format(self.dtype)
 
 
 @p2p.message("lamina.opened")
@@ -132,7 +167,7 @@ class Step(p2p.Message):
     session_id: str = p2p.field(max_len=32)
     step_id: int = p2p.field(min_value=0, max_value=2**62)
     position: int = p2p.field(min_value=0, max_value=MAX_LENGTH)
-    hidden: p2p.Tensor = p2p.field(dtypes=HIDDEN_DTYPES, ndim=3)
+    hidden: p2p.Tensor = p2p.field(dtypes=STEP_DTYPES, ndim=3)
     push: bool = True
 
     def validate(self) -> None:
@@ -145,7 +180,8 @@ class Replay(p2p.Message):
     """Rebuild a fresh session's cache: run `hidden` [B, sum(chunks), D] from position 0 as the
     original steps did, one chunk after another (same shapes, so bit-identical caches). Chunk k
     is the original step `step_ids[k]`; its result is echoed as a StepResult with that id (and
-    pushed on when `push`)."""
+    pushed on when `push`). On a session with a packing, `hidden` may be float32 (the values
+    the original steps carried, in either form, exactly)."""
 
     session_id: str = p2p.field(max_len=32)
     step_ids: tuple[int, ...] = p2p.field(min_len=1, max_len=MAX_CHUNKS)
@@ -171,7 +207,7 @@ class StepResult(p2p.Message):
     session_id: str = p2p.field(max_len=32)
     step_id: int = p2p.field(min_value=0, max_value=2**62)
     position: int = p2p.field(min_value=0, max_value=MAX_LENGTH)
-    hidden: p2p.Tensor = p2p.field(dtypes=HIDDEN_DTYPES, ndim=3)
+    hidden: p2p.Tensor = p2p.field(dtypes=STEP_DTYPES, ndim=3)
 
 
 @p2p.message("lamina.step_failed")
