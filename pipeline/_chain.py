@@ -151,7 +151,8 @@ class Chain:
                 tolerance = INT8_TOLERANCE
             self._spot = SpotChecker(host, view, model_hash, rate=config.spot_check, tolerance=tolerance,
                                      stats=config.spot_check_stats, options=config.route_options,
-                                     connect=self._connect, timeout=config.step_timeout, decode=self.wire.decode)
+                                     connect=self._connect, timeout=config.step_timeout, batch=batch,
+                                     max_length=max_length, plain=self.wire.dtype, decode=self.wire.decode)
             self.plan.keep_final = True
 
     @property
@@ -170,6 +171,8 @@ class Chain:
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        if self._spot is not None:
+            self._spot.nursery = nursery
         self._deadline = trio.current_time() + self.config.step_timeout
         nursery.start_soon(self._watch_deadline)
         deadline = trio.current_time() + self.config.failover_deadline
@@ -192,6 +195,8 @@ class Chain:
             return
         self._closed = True
         self._timer.cancel()
+        if self._spot is not None:
+            self._spot.close()
         for link in self.links:
             await self._drop(link, polite=True)
         self.links = []
@@ -210,6 +215,8 @@ class Chain:
         if position > self.position:
             raise ValueError(f"step at {position} but the session holds {self.position} positions")
         hidden = self.wire.encode(hidden)
+        if self._spot is not None:
+            self._spot.written_from(position)
         step_id = self._next_step
         self._next_step += 1
         self.plan.begin(step_id, position, hidden)
@@ -344,26 +351,8 @@ class Chain:
                 route, same_node = [bad.hop], False
             else:
                 route = await self._route(bad.start, bad.end, deadline=deadline)
-            try:
-                # the new hops push to each other during the replay: no relaying among them
-                new = await self._open_links(route, None, may_relay=False)
-            except _OpenFailed as e:
-                self._excluded.add(e.peer_id)
-                continue
-            try:
-                await self._replay(new, bad.start, position)
-                if nxt is not None:
-                    try:
-                        await self._wire(new[-1], nxt)
-                    except (p2p.P2PError, trio.TooSlowError) as e:
-                        self.plan.on_broken(new[-1], e)
-                        raise
-            except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
-                culprit = next((link for link in new if link.broken is not None), new[0])
-                log.warning("replacement %s failed during replay (%s)", culprit.hop.peer_id, e)
-                self._excluded.add(culprit.hop.peer_id)
-                for link in new:
-                    await self._drop(link, polite=False)
+            new = await self._open_replayed(route, bad.start, position, nxt)
+            if new is None:
                 continue
             self.plan.replaced(bad, new)
             if i > 0:
@@ -375,6 +364,33 @@ class Chain:
             if self.config.show_route:
                 log.warning("new route: %s", describe_route(self.route))
             return
+
+    async def _open_replayed(self, route: list[Hop], boundary: int, position: int,
+                             nxt: _Link | None) -> list[_Link] | None:
+        """Sessions on `route`, their caches rebuilt from the inputs stored at `boundary` before
+        `position`, the last one wired to `nxt`; None when a node of it fails (excluded)."""
+        try:
+            # the new hops push to each other during the replay: no relaying among them
+            new = await self._open_links(route, None, may_relay=False)
+        except _OpenFailed as e:
+            self._excluded.add(e.peer_id)
+            return None
+        try:
+            await self._replay(new, boundary, position)
+            if nxt is not None:
+                try:
+                    await self._wire(new[-1], nxt)
+                except (p2p.P2PError, trio.TooSlowError) as e:
+                    self.plan.on_broken(new[-1], e)
+                    raise
+        except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
+            culprit = next((link for link in new if link.broken is not None), new[0])
+            log.warning("replacement %s failed during replay (%s)", culprit.hop.peer_id, e)
+            self._excluded.add(culprit.hop.peer_id)
+            for link in new:
+                await self._drop(link, polite=False)
+            return None
+        return new
 
     async def _session_lost(self, link: _Link) -> bool:
         """Whether `link` broke because its node dropped our session, not because the node
@@ -442,38 +458,21 @@ class Chain:
     async def _rebuild(self, position: int) -> torch.Tensor:
         """A new route for every block, without the excluded nodes, its caches rebuilt from the
         client's own inputs for [0, position); returns the current step's output from it."""
-        assert self._spot is not None
-        self._spot.stats.rebuilds += 1
+        self._spot.stats.rebuilds += 1  # type: ignore[union-attr]
         old, self.links = self.links, []
         for link in old:
             await self._drop(link, polite=True)
         self.plan.history.forget_outputs()   # they were computed from the faulty node's
+        self._spot.restart()  # type: ignore[union-attr]
         deadline = trio.current_time() + self.config.failover_deadline
-        while True:
-            route = await self._route(0, self.num_blocks, deadline=deadline)
-            try:
-                new = await self._open_links(route, None, may_relay=False)
-            except _OpenFailed as e:
-                self._excluded.add(e.peer_id)
-                continue
-            try:
-                await self._replay(new, 0, position)
-                for up, nxt in zip(new, new[1:]):
-                    if self._relays(up.hop, nxt):
-                        await self._wire(up, nxt)
-            except (p2p.P2PError, trio.TooSlowError, _ReplayFailed) as e:
-                culprit = next((link for link in new if link.broken is not None), new[0])
-                log.warning("rebuilt route: %s failed during replay (%s)", culprit.hop.peer_id, e)
-                self._excluded.add(culprit.hop.peer_id)
-                for link in new:
-                    await self._drop(link, polite=False)
-                continue
-            break
-        self.links = new
-        self._deadline = trio.current_time() + self.config.step_timeout
+        new = None
+        while new is None:
+            new = await self._open_replayed(await self._route(0, self.num_blocks, deadline=deadline), 0,
+                                            position, None)
+        self.links, self._deadline = new, trio.current_time() + self.config.step_timeout
         log.warning("route rebuilt without the faulty node: %s", describe_route(self.route))
         out = self.plan.take_final()
-        if out is None:
+        if out is None:   # the replay waited for the last link's echo of this step
             raise LaminaError("the rebuilt route did not return the step's output")
         return out
 

@@ -45,11 +45,11 @@ import trio
 import p2p
 from crdt import peer_id_to_str
 
-from ._errors import InvalidOptionError, SpotCheckError
+from ._errors import InvalidOptionError
 from ._generation import Redo
 from ._routing import Hop, RouteOptions, usable
 from ._swarm import now_ms
-from .protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, Replay, SessionOpened, StepFailed,
+from .protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, Replay, SessionOpened, Step, StepFailed,
                        StepResult, new_session_id)
 
 log = logging.getLogger("lamina.client")
@@ -149,9 +149,14 @@ class SpotChecker:
 
     def __init__(self, host: p2p.Host, view: Any, model_hash: str, *, rate: float, tolerance: float,
                  stats: SpotCheckStats, options: RouteOptions, connect: Connect, timeout: float,
+                 batch: int, max_length: int, plain: torch.dtype,
                  decode: Callable[[torch.Tensor], torch.Tensor] = lambda wire: wire,
                  rng: random.Random | None = None) -> None:
         self.host, self.view, self.model_hash = host, view, model_hash
+        self.batch, self.max_length = batch, max_length
+        self.plain = plain  # the session's wire dtype: stored inputs of another dtype go as a Replay
+        self.nursery: trio.Nursery | None = None  # the chain's: standing sessions run there
+        self._standing: dict[tuple[int, int], _Standing] = {}
         self.sampler = Sampler(rate, rng)
         self.tolerance = float(tolerance)
         self.stats, self.options = stats, options
@@ -185,30 +190,82 @@ class SpotChecker:
     async def _check_hop(self, peer: str, start: int, end: int, x: torch.Tensor, y: torch.Tensor,
                          dtype: str, on_route: set[str], excluded: set[str]) -> Fault | None:
         candidates = self._checkers(peer, start, end, on_route, excluded)
-        second = await self._recompute_any(candidates, start, end, x, dtype)
+        second = await self._standing_run(candidates, start, end, x, dtype)
         if second is None:
             self.stats.unchecked += 1
             log.info("spot check: no second server answered for blocks [%d:%d) of %s", start, end, peer)
             return None
-        checker, z = second
+        checker, since, z = second
         self.stats.hops += 1
-        err, first = compare(y, z, self.tolerance)
+        err, first = compare(y[:, since:], z, self.tolerance)
         if first is None:
             return None
+        first += since
         self.stats.mismatches += 1
         log.warning("spot check: node %s and node %s disagree on blocks [%d:%d) from position %d "
                     "(relative error %.3g > %.3g)", peer, checker, start, end, first, err, self.tolerance)
         third = await self._recompute_any([c for c in candidates if c.peer_id != checker], start, end, x, dtype)
         if third is not None and compare(y, third[1], self.tolerance)[1] is None \
-                and compare(z, third[1], self.tolerance)[1] is not None:
+                and compare(z, third[1][:, since:], self.tolerance)[1] is not None:
             self._mark(checker, f"its outputs for blocks [{start}:{end}) disagreed with {peer}'s and "
                                 f"{third[0]}'s (relative error {err:.3g})")
+            self._drop((start, end))
             return Fault(checker, start, end, first, err)
         why = (f"its outputs for blocks [{start}:{end}) disagreed with {checker}'s"
                + (f" and {third[0]}'s" if third is not None else " (no third server to ask)")
                + f" from position {first} (relative error {err:.3g})")
         self._mark(peer, why)
         return Fault(peer, start, end, first, err)
+
+    # -- standing sessions -----------------------------------------------------------------------
+    def written_from(self, position: int) -> None:
+        """The chain stepped at `position`: what the standing sessions hold from there on is
+        older inputs (a step rewrites the positions it covers)."""
+        for standing in self._standing.values():
+            standing.upto = min(standing.upto, position)
+
+    def restart(self) -> None:
+        """Every stored output was replaced (a rebuilt route): check everything again."""
+        for standing in self._standing.values():
+            standing.upto = 0
+
+    def close(self) -> None:
+        for key in list(self._standing):
+            self._drop(key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        standing = self._standing.pop(key, None)
+        if standing is not None:
+            standing.send.close()
+
+    async def _standing_run(self, candidates: list[Hop], start: int, end: int, x: torch.Tensor,
+                            dtype: str) -> tuple[str, int, torch.Tensor] | None:
+        """(checker, since, its outputs for positions [since, P)) from the standing session for
+        [start, end), opened on a candidate first if there is none (or its node may not check
+        this hop now)."""
+        key = (start, end)
+        standing = self._standing.get(key)
+        if standing is not None and standing.hop.peer_id not in {c.peer_id for c in candidates}:
+            self._drop(key)
+            standing = None
+        tries = [standing.hop] if standing is not None else candidates[:2]
+        for hop in tries:
+            try:
+                if standing is None:
+                    standing = _Standing(hop)
+                    assert self.nursery is not None
+                    await self.nursery.start(standing.serve, self, dtype)
+                    self._standing[key] = standing
+                since = standing.upto
+                out = await standing.run(self, x, since)
+                standing.upto = x.shape[1]
+                return hop.peer_id, since, out
+            except (p2p.P2PError, trio.TooSlowError, trio.BrokenResourceError, OSError, _CheckRefused) as e:
+                log.info("spot check: %s could not recompute blocks [%d:%d): %s", hop.peer_id, start, end,
+                         "timed out" if isinstance(e, trio.TooSlowError) else e)
+                self._drop(key)
+                standing = None
+        return None
 
     def _mark(self, peer: str, why: str) -> None:
         self.faulty[peer] = why
@@ -267,3 +324,96 @@ class SpotChecker:
 
 class _CheckRefused(Exception):
     pass
+
+
+@dataclass(eq=False)
+class _Reply:
+    done: trio.Event = field(default_factory=trio.Event)
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class _Standing:
+    """A session on a checking server, kept open across one chain's checks of one hop: its cache
+    holds the hop's blocks over the same inputs at [0, upto), so a check sends it only the
+    positions since (a Step; a Replay from 0 when the stored inputs mix wire forms)."""
+
+    def __init__(self, hop: Hop) -> None:
+        self.hop = hop
+        self.upto = 0
+        self.session_id = new_session_id()
+        self.step_id = 0
+        self.send, self._requests = trio.open_memory_channel[tuple[p2p.Message, _Reply]](0)
+
+    async def run(self, checker: SpotChecker, x: torch.Tensor, since: int) -> torch.Tensor:
+        """The hop's blocks over x [B, P, D] at positions [since, P), as values."""
+        self.step_id += 1
+        b, p, _ = x.shape
+        if x.dtype == checker.plain:
+            msg: p2p.Message = Step(self.session_id, self.step_id, since,
+                                    p2p.Tensor.from_torch(x[:, since:].contiguous()), False)
+        else:
+            msg = Replay(session_id=self.session_id, step_ids=(self.step_id,), chunks=(p,),
+                         hidden=p2p.Tensor.from_torch(x.contiguous()), push=False)
+        reply = _Reply()
+        with trio.fail_after(checker._timeout):
+            await self.send.send((msg, reply))
+            await reply.done.wait()
+        if reply.error is not None:
+            raise reply.error
+        assert reply.out is not None
+        out = reply.out if isinstance(msg, Step) else reply.out[:, since:]
+        if out.shape != (b, p - since, x.shape[2]):
+            raise _CheckRefused(f"a result of shape {tuple(out.shape)} for {p - since} positions")
+        return out
+
+    async def serve(self, checker: SpotChecker, dtype: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the session (open it, answer `run`'s requests one by one, close it). A failure to
+        open is raised to the opener; a later one ends the session, and the request it hit
+        gets it (`_Standing.run`)."""
+        started = False
+        try:
+            with self._requests:
+                await self._open(checker, dtype, task_status)
+                started = True
+        except (p2p.P2PError, trio.TooSlowError, OSError, _CheckRefused) as e:
+            if not started:
+                raise
+            log.info("spot check: the session on %s ended: %s", self.hop.peer_id, e)
+
+    async def _open(self, checker: SpotChecker, dtype: str, task_status) -> None:
+        hop, sid = self.hop, self.session_id
+        with trio.fail_after(checker._timeout):
+            if not checker.host.is_connected(hop.peer_id):
+                await checker._connect(hop)
+        async with checker.host.open_session(hop.peer_id, INFERENCE_PROTOCOL, lane=True) as session:
+            with trio.fail_after(checker._timeout):
+                await session.send(OpenSession(session_id=sid, model=checker.model_hash, start=hop.start,
+                                               end=hop.end, max_length=checker.max_length,
+                                               batch=checker.batch, dtype=dtype))
+                reply = await session.receive()
+            if not isinstance(reply, SessionOpened) or reply.session_id != sid:
+                raise _CheckRefused(f"expected SessionOpened, got {type(reply).__name__}")
+            task_status.started()
+            async for msg, answer in self._requests:
+                try:
+                    answer.out = checker._decode(await _result(session, msg, sid))
+                except (p2p.P2PError, _CheckRefused) as e:
+                    answer.error = e
+                    raise
+                finally:
+                    answer.done.set()
+            with trio.move_on_after(2):
+                await session.send(CloseSession(session_id=sid))
+
+
+async def _result(session: p2p.Session, msg: p2p.Message, sid: str) -> torch.Tensor:
+    """Send a Step or Replay (its id the last of `msg`'s) and read its StepResult."""
+    step_id = msg.step_id if isinstance(msg, Step) else msg.step_ids[-1]
+    await session.send(msg)
+    while True:
+        reply = await session.receive()
+        if isinstance(reply, StepFailed):
+            raise _CheckRefused(f"{reply.code}: {reply.message}")
+        if isinstance(reply, StepResult) and reply.session_id == sid and reply.step_id == step_id:
+            return reply.hidden.to_torch()
