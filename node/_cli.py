@@ -23,8 +23,9 @@ import signal
 import sys
 
 from ._config import (DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_JOIN_WAIT, DEFAULT_LISTEN,
-                      DEFAULT_MAX_SESSIONS, DEFAULT_REBALANCE_INTERVAL, DEFAULT_SESSION_IDLE_TIMEOUT,
-                      DEVICES, DTYPES, SWARM_KEY_ENV, VERSION, NodeConfig, default_cache_dir)
+                      DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SESSIONS, DEFAULT_REBALANCE_INTERVAL,
+                      DEFAULT_SESSION_IDLE_TIMEOUT, DEFAULT_SESSION_OPEN_RATE, DEVICES, DTYPES, SWARM_KEY_ENV,
+                      VERSION, NodeConfig, default_cache_dir)
 
 PROG = "run-node"
 
@@ -72,6 +73,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
 
 
@@ -124,6 +135,22 @@ def _add_relay_args(p: argparse.ArgumentParser) -> None:
                             "direct/relayed: skip the checks (default: auto)")
 
 
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    limits = p.add_argument_group("per-peer and connection limits (against resource exhaustion; refusals are BUSY, "
+                                  "which clients route around)")
+    limits.add_argument("--max-sessions-per-peer", type=_positive_int, metavar="N",
+                        help="most sessions one peer may hold here (default: half of --max-sessions)")
+    limits.add_argument("--max-cache-tokens-per-peer", type=_positive_int, metavar="N",
+                        help="most KV-cache tokens one peer's sessions may hold here (default: half of "
+                             "--cache-tokens, and at least one session of --inference-max-length)")
+    limits.add_argument("--session-open-rate", type=_rate, default=DEFAULT_SESSION_OPEN_RATE, metavar="PER_SECOND",
+                        help="new sessions one peer may open a second, in bursts of --max-sessions-per-peer (or 2 s at this rate) "
+                             f"(default: {DEFAULT_SESSION_OPEN_RATE:g})")
+    limits.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help="most libp2p connections at once, in and out; more are closed at once (default: "
+                             f"{DEFAULT_MAX_CONNECTIONS}; the open-files limit is raised to fit)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Serve a span of a model's transformer blocks over the lamina mesh. "
                 "Prints one line 'serving blocks A:B at MULTIADDR...' to stdout once serving; "
@@ -170,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
                         "across sessions off (default: as many as are waiting, up to 512 tokens a pass)")
     p.add_argument("--inference-max-length", type=_positive_int, metavar="N",
                    help="refuse sessions that ask for more than N tokens (prompt + generated) "
-                        "(default: no limit but the KV-cache budget)")
+                        "(default: the model's context length)")
     p.add_argument("--cache-tokens", type=_positive_int, metavar="N",
                    help="KV-cache budget in tokens (a session takes batch x max_length); "
                         "default: half the device's free memory")
@@ -191,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join-wait", type=_seconds, default=DEFAULT_JOIN_WAIT, metavar="SECONDS",
                    help="with --num-blocks, how long to wait for the swarm's records before choosing "
                         f"(default: {DEFAULT_JOIN_WAIT:g})")
+    _limit_flags(p)
     _http_flags(p)
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help=f"where measured throughputs are cached (default: $LAMINA_CACHE or {default_cache_dir()})")
@@ -230,6 +258,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         device=args.device, dtype=args.dtype,
         public_name=args.public_name, max_sessions=args.max_sessions, cache_tokens=args.cache_tokens,
         max_batch_size=args.max_batch_size, inference_max_length=args.inference_max_length,
+        max_sessions_per_peer=args.max_sessions_per_peer, max_cache_tokens_per_peer=args.max_cache_tokens_per_peer,
+        session_open_rate=args.session_open_rate, max_connections=args.max_connections,
         num_threads=args.num_threads, heartbeat=args.heartbeat, lease=args.lease,
         session_idle_timeout=args.session_idle_timeout, drain_timeout=args.drain_timeout,
         rebalance_interval=args.rebalance_interval, join_wait=args.join_wait,

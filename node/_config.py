@@ -14,6 +14,12 @@ if TYPE_CHECKING:  # p2p imports py-libp2p: not for `run-node --help`
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 DEFAULT_MAX_SESSIONS = 128
+# Per-peer limits (issue 21): one peer may hold at most this share of the session slots and of
+# the KV cache (but always one session of the longest length taken), and open at most
+# DEFAULT_SESSION_OPEN_RATE sessions a second (bursts of its session limit)
+PEER_SHARE = 0.5
+DEFAULT_SESSION_OPEN_RATE = 20.0
+DEFAULT_MAX_CONNECTIONS = 300  # libp2p connections at once (p2p.constants.MAX_CONNECTIONS)
 DEFAULT_HEARTBEAT = 10.0  # seconds between announcements of our record
 DEFAULT_SESSION_IDLE_TIMEOUT = 120.0  # a session with no step for this long is closed
 DEFAULT_DRAIN_TIMEOUT = 60.0  # on SIGTERM, running sessions get this long to finish
@@ -64,6 +70,10 @@ class NodeConfig:
     dtype: str = "auto"
     public_name: str = ""
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_per_peer: int | None = None  # None: PEER_SHARE of max_sessions (at least 1)
+    max_cache_tokens_per_peer: int | None = None  # None: PEER_SHARE of the KV budget (>= one longest session)
+    session_open_rate: float = DEFAULT_SESSION_OPEN_RATE  # new sessions per peer and second
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_batch_size: int | None = None  # sessions' steps per forward pass (None: as many as fit)
     inference_max_length: int | None = None  # longest session (max_length) taken (None: the KV budget decides)
     cache_tokens: int | None = None  # None: half of the device's free memory
@@ -118,10 +128,14 @@ class NodeConfig:
             raise ValueError("--public-name is at most 64 bytes")
         if self.max_sessions < 1:
             raise ValueError("--max-sessions must be >= 1")
-        for name in ("max_batch_size", "inference_max_length"):
+        for name in ("max_batch_size", "inference_max_length", "max_sessions_per_peer", "max_cache_tokens_per_peer"):
             value = getattr(self, name)
             if value is not None and (type(value) is not int or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1")
+        if not (math.isfinite(self.session_open_rate) and self.session_open_rate > 0):
+            raise ValueError("--session-open-rate must be a positive number of sessions a second")
+        if type(self.max_connections) is not int or self.max_connections < 8:
+            raise ValueError("--max-connections must be an integer >= 8")
         if self.cache_tokens is not None and self.cache_tokens < 1:
             raise ValueError("--cache-tokens must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:

@@ -37,6 +37,7 @@ from ._batching import Batcher
 from ._blocks import choose_blocks, should_rebalance
 from ._config import VERSION, NodeConfig
 from ._measure import RTT_INTERVAL, measure_rtts, next_block_servers, span_throughput
+from ._limits import PeerLimits, raise_descriptor_limit
 from ._server import SpanServer
 from ._sessions import CacheBudget, default_cache_tokens
 
@@ -353,6 +354,7 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     """Run a node until it has drained (see the module docstring)."""
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    raise_descriptor_limit(config.max_connections, config.max_sessions)
     # a missing or bad model or device fails before any networking (the dtype: checked at load)
     checkpoint = Checkpoint(config.model)
     device, device_line = resolve_device(config.device)
@@ -371,7 +373,7 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
     host_config = p2p.HostConfig(identity=identity, listen_addrs=list(config.listen), nat=nat,
                                  announce_addrs=list(config.announce_addrs),
                                  enable_lanes=config.lanes, lane_port=config.lane_port,
-                                 swarm_key=config.swarm_key,
+                                 swarm_key=config.swarm_key, max_connections=config.max_connections,
                                  bootstrap_peers=list(config.initial_peers), gossip_topics=swarm_topics())
     if config.swarm_key is not None:
         logger.info("private swarm: swarm key %s", config.swarm_key.fingerprint())
@@ -394,7 +396,9 @@ async def serve_node(config: NodeConfig, *, task_status: trio.TaskStatus[Node] =
             await nursery.start(node.batcher.serve)
             node.server = SpanServer(host, span, checkpoint.model_hash, node._budget(span), node.batcher,
                                      idle_timeout=config.session_idle_timeout, peer_addrs=node._peer_addrs,
-                                     max_length=config.inference_max_length, metrics=node.metrics)
+                                     max_length=config.inference_max_length, metrics=node.metrics,
+                                     limits=PeerLimits(config.max_sessions_per_peer, config.max_cache_tokens_per_peer,
+                                                       config.session_open_rate))
             node.server.install()
             await node.set_state(ServerState.ONLINE)
             nursery.start_soon(node._rtt_loop)

@@ -2,9 +2,10 @@
 
 ``/lamina/inference/1`` (one stream per client session)
     OpenSession is checked (model identity, span inside ours, max_length within the node's
-    --inference-max-length, dtype) and its KV cache reserved
-    from the budget; refusals are error frames: BUSY (no memory or session slot, or not ONLINE
-    yet: route around), DRAINING (the node is leaving), BAD_REQUEST. Then Step / Replay /
+    --inference-max-length, by default the model's context length, dtype) and its KV cache
+    reserved from the budget and from the peer's share (`_limits`); refusals are error frames:
+    BUSY (no memory or session slot, the peer's own limits reached, or not ONLINE yet: route
+    around), DRAINING (the node is leaving), BAD_REQUEST. Then Step / Replay /
     SetNextHop / CloseSession, handled one at a time in order. A step that does not fit the
     session gets a `StepFailed` (the codes are the protocol's) and the stream stays usable. A
     session idle for `NodeConfig.session_idle_timeout` (no client message and no pushed step) is
@@ -49,6 +50,8 @@ from pipeline.protocol import (BAD_REQUEST, BUSY, DRAINING, IDLE_TIMEOUT, INFERE
 from ._announce import learn_addrs
 from ._batching import Batcher
 from ._config import VERSION
+from ._limits import (OPEN_FRAME_LIMIT, PeerLimits, PeerShares, largest_frame_limit, session_frame_limit,
+                      session_frame_reason)
 from ._sessions import CacheBudget, ServedSession, StepError, cache_tokens_for
 
 logger = logging.getLogger("lamina.node")
@@ -92,14 +95,16 @@ class SpanServer:
     def __init__(self, host: p2p.Host, span: Span, model_hash: str, budget: CacheBudget,
                  batcher: Batcher, *, idle_timeout: float, max_length: int | None = None,
                  peer_addrs: Callable[[str], list[str]] = lambda peer: [],
-                 metrics: NodeMetrics | None = None) -> None:
+                 metrics: NodeMetrics | None = None, limits: PeerLimits = PeerLimits()) -> None:
         self.host = host
         self.metrics = metrics if metrics is not None else NodeMetrics()  # sessions, steps, errors
         self.model_hash = model_hash
         self.budget = budget
         self.batcher = batcher
         self.idle_timeout = idle_timeout
-        self.max_length = max_length  # longest session taken (--inference-max-length); None: any
+        self.max_length = max_length  # longest session taken (--inference-max-length); None: the model's context
+        self.shares = PeerShares(limits)  # what each peer holds here, against its per-peer limits
+        self._owners: dict[str, tuple[object, int]] = {}  # session id -> (peer, KV tokens)
         self.peer_addrs = peer_addrs  # peer id -> multiaddrs known from the swarm records
         # The node's state (set by `Node.set_state` only, with the record's): OpenSession is
         # taken only ONLINE.
@@ -131,11 +136,26 @@ class SpanServer:
         """Until no session is open."""
         await self._idle.wait()
 
+    def longest_session(self) -> int:
+        """The longest session (max_length) taken: --inference-max-length, else the model's
+        context length (the client never asks for more)."""
+        return self.max_length or self.span.config.max_position_embeddings
+
+    def largest_frame(self) -> int:
+        """The largest frame of the largest session one peer may open here."""
+        tokens = min(self.budget.total_tokens, self.shares.max_tokens(self.budget, self.longest_session()))
+        return largest_frame_limit(tokens, self.span.config.hidden_size)
+
     def install(self) -> None:
         limit = self.budget.max_sessions + 1
-        self.host.set_session_handler(INFERENCE_PROTOCOL, self._serve_inference, max_concurrent_per_peer=limit, lane=True)
-        self.host.set_session_handler(PUSH_PROTOCOL, self._serve_push, max_concurrent_per_peer=limit, lane=True)
-        self.host.set_unary_handler(INFO_PROTOCOL, self._serve_info, accepts=InfoRequest)
+        opens = (self.shares.limits.open_rate, self.shares.open_burst(self.budget))
+        self.host.set_session_handler(INFERENCE_PROTOCOL, self._serve_inference, max_concurrent_per_peer=limit,
+                                      lane=True, max_frame_size=OPEN_FRAME_LIMIT, open_rate=opens,
+                                      frame_limit="what an inference stream may send before its session is open")
+        self.host.set_session_handler(PUSH_PROTOCOL, self._serve_push, max_concurrent_per_peer=limit, lane=True,
+                                      max_frame_size=self.largest_frame,
+                                      frame_limit="the largest frame of the largest session a peer may open here")
+        self.host.set_unary_handler(INFO_PROTOCOL, self._serve_info, accepts=InfoRequest, max_frame_size=OPEN_FRAME_LIMIT)
 
     # -- /lamina/info/1 ----------------------------------------------------------------------
     async def _serve_info(self, peer_id: object, request: p2p.Message) -> NodeInfo:
@@ -153,11 +173,12 @@ class SpanServer:
             if type(msg) is not OpenSession:
                 raise p2p.RemoteError(BAD_REQUEST, f"an inference stream starts with OpenSession, "
                                                    f"not {type(msg).TYPE}")
-            sess = self._open(msg, stream)
+            sess = self._open(msg, stream, peer_id)
         except p2p.RemoteError as exc:  # a refusal: BUSY, DRAINING, BAD_REQUEST, open_timeout
             self.metrics.error(_kind(exc))
             raise
         try:
+            _limit_frames(stream, sess)
             try:
                 await stream.send(SessionOpened(sess.session_id, sess.start, sess.end, sess.max_length))
             except p2p.P2PError as exc:
@@ -188,7 +209,7 @@ class SpanServer:
         finally:
             self._close(sess)
 
-    def _open(self, msg: OpenSession, stream: p2p.Session) -> ServedSession:
+    def _open(self, msg: OpenSession, stream: p2p.Session, peer: object) -> ServedSession:
         state = self.state
         if state is ServerState.DRAINING or state is ServerState.OFFLINE:
             raise p2p.RemoteError(DRAINING, "this node is draining and takes no new sessions")
@@ -206,25 +227,46 @@ class SpanServer:
             raise p2p.RemoteError(BAD_REQUEST, f"the session asks for max_length {msg.max_length}; this node "
                                                f"takes sessions of at most {self.max_length} tokens "
                                                f"(--inference-max-length)")
-        reservation = self.budget.reserve(cache_tokens_for(msg.batch, msg.max_length))
+        tokens = cache_tokens_for(msg.batch, msg.max_length)
+        reservation = self.budget.reserve(tokens)  # BUSY when the node is full
         try:
+            self._check_peer(msg, peer, tokens)
             span = self._span_for(msg.start, msg.end)
             cache = span.new_cache(msg.batch, msg.max_length)
+        except p2p.RemoteError:
+            self.budget.release(reservation)
+            raise
         except (LaminaError, RuntimeError) as exc:  # RuntimeError: torch out of memory
             self.budget.release(reservation)
             raise p2p.RemoteError(BUSY, f"cannot allocate the KV cache: {exc}") from None
         sess = ServedSession(msg.session_id, stream, span, cache, msg.dtype, reservation,
                              next_peer=msg.next_peer, next_session=msg.next_session)
         self.sessions[sess.session_id] = sess
+        self.shares.add(peer, tokens)
+        self._owners[sess.session_id] = (peer, tokens)
         self._idle = trio.Event()
         self.metrics.session_opened()
         return sess
+
+    def _check_peer(self, msg: OpenSession, peer: object, tokens: int) -> None:
+        """The checks after the node's budget admitted a session: the default length limit
+        (after the budget, whose BUSY says more to a client asking far too much), then the
+        peer's own limits (BUSY)."""
+        longest = self.longest_session()
+        if self.max_length is None and msg.max_length > longest:
+            raise p2p.RemoteError(BAD_REQUEST, f"the session asks for max_length {msg.max_length}; this node "
+                                               f"takes sessions of at most {longest} tokens (the model's "
+                                               f"context length; --inference-max-length sets another limit)")
+        self.shares.check(peer, tokens, self.budget, longest)
 
     def _close(self, sess: ServedSession) -> None:
         sess.close()
         if self.sessions.get(sess.session_id) is sess:
             del self.sessions[sess.session_id]
             self.metrics.session_closed()
+            owner = self._owners.pop(sess.session_id, None)
+            if owner is not None:
+                self.shares.remove(*owner)
         self.budget.release(sess.reservation)
         self.batcher.forget(sess.cache)
         sess.cache = None  # type: ignore[assignment]  # free the memory now, not at the next gc
@@ -369,6 +411,7 @@ class SpanServer:
         if sess is None or sess.closed:
             self.metrics.error(UNKNOWN_SESSION)
             raise p2p.RemoteError(UNKNOWN_SESSION, f"session {msg.session_id} is not open on this node")
+        _limit_frames(stream, sess)
         scope = trio.CancelScope()
         sess.cancel_scopes.add(scope)
         try:
@@ -403,6 +446,12 @@ def _kind(exc: BaseException) -> str:
     return exc.code if isinstance(exc, p2p.RemoteError) else "internal"
 
 
+def _limit_frames(stream: p2p.Session, sess: ServedSession) -> None:
+    """From now on the stream takes no frame bigger than what `sess` can use."""
+    shape = (sess.batch, sess.max_length, sess.hidden_size, sess.dtype)
+    stream.limit_incoming(session_frame_limit(*shape), session_frame_reason(*shape))
+
+
 def _not_here(session_id: str) -> StepError:
     return StepError(UNKNOWN_SESSION, f"session {session_id} is not open on this stream")
 
@@ -419,8 +468,9 @@ async def _next_message(stream: p2p.Session, what: str) -> p2p.Message | None:
 
 
 async def _first_message(stream: p2p.Session, expected: str) -> p2p.Message | None:
-    """The stream's first message (None if the peer left at once), within OPEN_DEADLINE."""
-    with trio.move_on_after(OPEN_DEADLINE):
+    """The stream's first message (None if the peer left at once), within OPEN_DEADLINE of the
+    stream's start (the host's wait for a lane request, and a lane's set-up, count too)."""
+    with trio.move_on_at(stream.opened_at + OPEN_DEADLINE):
         return await _next_message(stream, f"a stream before its {expected}")
     raise _OpenTimeout(BAD_REQUEST, f"no {expected} within {OPEN_DEADLINE}s")
 

@@ -40,12 +40,30 @@ SESSION_RECEIVE_QUEUE = 8  # decoded messages buffered per session before backpr
 READ_SIZE = 4 * 1024 * 1024  # largest single stream read
 COALESCE_LIMIT = 256 * 1024  # frames up to this size are joined into one write
 DEFAULT_MAX_CONCURRENT_PER_PEER = 16  # handler invocations per peer and protocol
+# Slow-loris: a frame that has started arriving gets FRAME_GRACE seconds, then must average at
+# least FRAME_MIN_RATE bytes a second (counted only while we wait for its bytes, not while we
+# are too busy to read them): a peer trickling a byte a second is cut off after ~FRAME_GRACE s.
+# 16 KiB/s is far below any link a session's tensors are worth sending over.
+FRAME_GRACE = 5.0
+FRAME_MIN_RATE = 16 * 1024
+UNARY_REQUEST_DEADLINE = 10.0  # a unary stream must deliver its request within this long
+UNARY_HANDLER_DEADLINE = 60.0  # and its handler answer within this long (a dial-back takes ~10 s)
 
 # --- host ----------------------------------------------------------------------------------
 DIAL_DEADLINE = 10.0
 # private swarms (_pnet.py): the peer's 24-byte nonce and its first 20 bytes (multistream's
 # header) must arrive within this long; a peer that sends nothing is not waited on for longer
 PNET_HANDSHAKE_DEADLINE = 10.0
+# Inbound libp2p connections (see `_limits`): at most MAX_CONNECTIONS in all (py-libp2p's
+# default), and of them at most MAX_HANDSHAKES in their handshake (pnet, Noise, yamux), at most
+# MAX_HANDSHAKES_PER_IP from one address, each for at most HANDSHAKE_DEADLINE. A full gate
+# evicts the oldest handshake older than HANDSHAKE_EVICT_AGE for a new connection (an honest
+# handshake takes milliseconds), else closes the new one at once, unread.
+MAX_CONNECTIONS = 300
+MAX_HANDSHAKES = 64
+MAX_HANDSHAKES_PER_IP = 32
+HANDSHAKE_DEADLINE = 10.0
+HANDSHAKE_EVICT_AGE = 0.5
 IDENTIFY_WAIT = 5.0  # how long a new connection may take to be identified before DHT seeding
 BOOTSTRAP_DEADLINE = 15.0
 
@@ -57,6 +75,9 @@ LANE_MAX_PENDING = 256  # unused tickets held at once (more invites are refused:
 # connections that have not presented a ticket yet; more are closed at once (a flood of idle
 # connections costs one task and one descriptor each until the hello deadline)
 LANE_MAX_HANDSHAKES = 64
+# lanes open or invited at once (each is a descriptor): beyond, sessions stay on libp2p. Two per
+# session at most (the client's, a push from upstream) on a node of 128 sessions, with room.
+LANE_MAX_OPEN = 512
 # a peer whose lane could not be reached at an IP is not asked for one there again for this
 # long: its sessions go straight to libp2p instead of waiting out LANE_CONNECT_DEADLINE each
 LANE_UNREACHABLE_TTL = 300.0

@@ -13,9 +13,17 @@ Handlers run isolated: whatever a handler raises becomes an `ErrorMessage` frame
 (``RemoteError`` codes pass through; anything else is ``"internal"``) and never reaches
 py-libp2p, where an exception escaping a stream handler tears the whole host down.
 
+Limits (issue 21): a stream over its handler's per-peer limits (concurrent streams, new streams
+a second) gets a BUSY frame before any session starts for it; every frame a peer sends is capped
+(the host's `max_message_size`, or the handler's own, lowered further by the handler once it
+knows what the session can use), and must arrive at a minimum rate (`_session`); unary requests
+and handlers have deadlines; inbound connections are capped in all and while handshaking
+(`_limits`).
+
 Around it: `_libp2p` (the py-libp2p host and its adaptations), `_lane_setup` (moving a session
 to a lane), `_dht` (the DHT, the routing table's seeding, bootstrap), `_session` over
-`_transport` (a session on a libp2p stream or a lane).
+`_transport` (a session on a libp2p stream or a lane), `_handlers` (a registered handler and
+its limits), `_limits` (rate limits, the handshake gate).
 """
 
 from __future__ import annotations
@@ -37,11 +45,18 @@ from ._constants import (
     DEFAULT_MAX_CONCURRENT_PER_PEER,
     DIAL_DEADLINE,
     GOSSIP_MAX_MESSAGE_SIZE,
+    HANDSHAKE_DEADLINE,
+    HANDSHAKE_EVICT_AGE,
     LANE_CONNECT_DEADLINE,
     LANE_UNREACHABLE_TTL,
+    MAX_CONNECTIONS,
     MAX_FRAME_SIZE,
+    MAX_HANDSHAKES,
+    MAX_HANDSHAKES_PER_IP,
     OPEN_STREAM_DEADLINE,
     RESET_DEADLINE,
+    UNARY_HANDLER_DEADLINE,
+    UNARY_REQUEST_DEADLINE,
 )
 from ._dht import DHT, bootstrap, resolve_dht_mode
 from ._errors import (
@@ -62,14 +77,16 @@ from ._expiring import ExpiringSet
 from ._identity import Identity
 from ._lane import LaneListener, LaneStream, lane_ip
 from ._relay import parse_circuit_addr
+from ._handlers import Handler, call_handler, describe, rate_limiter, send_error
 from ._lane_setup import accept_lane, request_lane, start_lanes
+from ._limits import HandshakeGate, gate_libp2p_handshakes, limit_libp2p_connections, refuse_stream
 from ._libp2p import (Notifee, close_connections, isolate_libp2p_handlers, new_libp2p_host, reap_inbound_handlers,
                       unsupported)
 from ._logging import quiet_libp2p_logging
 from ._nat import NatConfig, NatTraversal, is_circuit
 from ._reach import is_public_ip
 from ._pnet import SwarmKey, dial_failure
-from ._messages import REGISTRY, ErrorMessage, Message
+from ._messages import ErrorMessage, Message
 from ._session import Session, run_session
 from ._transport import LaneTransport, StreamTransport
 
@@ -120,6 +137,10 @@ class HostConfig:
     # NAT traversal: dial-back checks, relay (offered, and reserved on when not dialable), hole
     # punching (see `_nat`); off by default
     nat: NatConfig = field(default_factory=NatConfig)
+    # libp2p connections at once (inbound and outbound), and inbound ones still handshaking
+    # (see `_limits`): more are closed at once, unread
+    max_connections: int = MAX_CONNECTIONS
+    max_handshakes: int = MAX_HANDSHAKES
 
     def __post_init__(self) -> None:
         if not isinstance(self.identity, Identity):
@@ -138,17 +159,8 @@ class HostConfig:
             raise TypeError("HostConfig.swarm_key must be a p2p.SwarmKey (SwarmKey.load(path)) or None")
         if not 1024 <= self.max_message_size < 2**32:
             raise ValueError("HostConfig.max_message_size must be in [1 KiB, 4 GiB)")
-
-
-@dataclass
-class _Handler:
-    protocol_id: str
-    kind: str  # "unary" | "session"
-    fn: Callable[..., Awaitable[Any]]
-    max_concurrent_per_peer: int
-    accepts: tuple[type[Message], ...] | None
-    lane: bool = False
-    active: dict[ID, int] = field(default_factory=dict)
+        if self.max_connections < 1 or self.max_handshakes < 1:
+            raise ValueError("HostConfig.max_connections and max_handshakes must be >= 1")
 
 
 class Host:
@@ -160,7 +172,7 @@ class Host:
         self.libp2p = libp2p_host  # escape hatch: the py-libp2p host
         self.dht: DHT | None = None
         self.gossip: Gossip | None = None
-        self._handlers: dict[str, _Handler] = {}
+        self._handlers: dict[str, Handler] = {}
         self._on_connected: list[PeerCallback] = []
         self._on_disconnected: list[PeerCallback] = []
         self._nursery: trio.Nursery | None = None
@@ -312,15 +324,21 @@ class Host:
         *,
         max_concurrent_per_peer: int = DEFAULT_MAX_CONCURRENT_PER_PEER,
         accepts: tuple[type[Message], ...] | type[Message] | None = None,
+        max_frame_size: int | None = None,
+        open_rate: tuple[float, int] | None = None,
     ) -> None:
         """Serve `protocol_id` with `await fn(peer_id, request) -> response`.
 
         `accepts` restricts request types (others get a ``"bad_request"`` error). A peer over
-        `max_concurrent_per_peer` concurrent requests gets ``"busy"``.
+        `max_concurrent_per_peer` concurrent requests, or over `open_rate` (requests a second,
+        burst) gets ``"busy"``. `max_frame_size`: the largest request taken (default: the host's
+        `max_message_size`). The request must arrive within `UNARY_REQUEST_DEADLINE` and `fn`
+        answer within `UNARY_HANDLER_DEADLINE`.
         """
         if isinstance(accepts, type):
             accepts = (accepts,)
-        self._register(_Handler(protocol_id, "unary", fn, max_concurrent_per_peer, accepts))
+        self._register(Handler(protocol_id, "unary", fn, max_concurrent_per_peer, accepts,
+                                max_frame_size=max_frame_size, opens=rate_limiter(open_rate)))
 
     def set_session_handler(
         self,
@@ -329,20 +347,30 @@ class Host:
         *,
         max_concurrent_per_peer: int = DEFAULT_MAX_CONCURRENT_PER_PEER,
         lane: bool = False,
+        max_frame_size: int | Callable[[], int] | None = None,
+        frame_limit: str = "",
+        open_rate: tuple[float, int] | None = None,
     ) -> None:
         """Serve `protocol_id` with `await fn(peer_id, session)`; the session is closed (with a
         goodbye) when fn returns, and reset if it raises (after an error frame to the peer).
 
         `lane`: clients that open the session with ``lane=True`` get it on a direct lane when
         they can reach one (much lower per-message cost); a protocol is lane-capable on both
-        ends or on neither (a client's `LaneHello` is the first message it sends)."""
-        self._register(_Handler(protocol_id, "session", fn, max_concurrent_per_peer, None, lane))
+        ends or on neither (a client's `LaneHello` is the first message it sends).
+
+        Per-peer limits, refused with ``"busy"`` before the session starts: at most
+        `max_concurrent_per_peer` sessions at once, at most `open_rate` = (new sessions a
+        second, burst) (None: no rate limit). `max_frame_size` (an int, or a callable read for
+        each new session) caps the frames the peer may send, `frame_limit` naming the limit in
+        the error; `fn` may lower it further with `Session.limit_incoming`."""
+        self._register(Handler(protocol_id, "session", fn, max_concurrent_per_peer, None, lane,
+                                max_frame_size=max_frame_size, frame_limit=frame_limit, opens=rate_limiter(open_rate)))
 
     def remove_handler(self, protocol_id: str) -> None:
         self._handlers.pop(protocol_id, None)
         self.libp2p.remove_stream_handler(TProtocol(protocol_id))
 
-    def _register(self, handler: _Handler) -> None:
+    def _register(self, handler: Handler) -> None:
         if not handler.protocol_id.startswith("/"):
             raise LocalProtocolError(f"protocol ids start with '/': {handler.protocol_id!r}")
         if handler.max_concurrent_per_peer < 1:
@@ -357,19 +385,23 @@ class Host:
 
         self.libp2p.set_stream_handler(TProtocol(handler.protocol_id), on_stream)
 
-    async def _serve_stream(self, handler: _Handler, stream: Any) -> None:
-        """py-libp2p's stream handler. Never raises (an escaping exception kills the host)."""
+    async def _serve_stream(self, handler: Handler, stream: Any) -> None:
+        """py-libp2p's stream handler. Never raises (an escaping exception kills the host).
+        A stream over the handler's per-peer limits gets its BUSY frame at once, before any
+        session machinery (tasks, timers) starts for it."""
         peer_id = stream.muxed_conn.peer_id
-        counted = False
+        refusal = handler.refusal(peer_id)
+        if refusal is not None:
+            logger.debug("refused %s from %s: %s", handler.protocol_id, peer_id, refusal.message)
+            await refuse_stream(stream, refusal)
+            return
+        handler.active[peer_id] = handler.active.get(peer_id, 0) + 1
+        limits: dict[str, Any] = dict(max_frame_size=self.config.max_message_size, max_incoming=handler.incoming_limit(),
+                      incoming_reason=handler.frame_limit)
         try:
             lane: LaneStream | None = None
-            async with run_session(StreamTransport(stream), peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
-                running = handler.active.get(peer_id, 0)
-                if running >= handler.max_concurrent_per_peer:
-                    await session.send(ErrorMessage(ErrorCode.BUSY, f"more than {handler.max_concurrent_per_peer} concurrent {handler.protocol_id} streams"))
-                    return
-                handler.active[peer_id] = running + 1
-                counted = True
+            async with run_session(StreamTransport(stream), peer_id, handler.protocol_id, **limits) as session:
+                limits["opened_at"] = session.opened_at  # a lane continues this stream
                 if handler.kind == "unary":
                     await self._serve_unary(handler, peer_id, session)
                 else:
@@ -380,7 +412,7 @@ class Host:
                     else:  # reset, not goodbye: waiting for the client's goodbye delays the lane
                         await session._abort(LocalProtocolError("the session moved to a lane"))
             if lane is not None:  # the libp2p stream is closed; the session goes on over the lane
-                async with run_session(LaneTransport(lane), peer_id, handler.protocol_id, max_frame_size=self.config.max_message_size) as session:
+                async with run_session(LaneTransport(lane), peer_id, handler.protocol_id, **limits) as session:
                     await self._serve_session(handler, peer_id, session)
         except Exception as exc:
             if _only(exc, _STREAM_ENDINGS):  # (possibly wrapped by a nursery on the way out)
@@ -388,12 +420,11 @@ class Host:
             else:
                 logger.exception("bug while serving %s to %s", handler.protocol_id, peer_id)
         finally:
-            if counted:
-                left = handler.active.get(peer_id, 1) - 1
-                if left:
-                    handler.active[peer_id] = left
-                else:
-                    handler.active.pop(peer_id, None)
+            left = handler.active.get(peer_id, 1) - 1
+            if left:
+                handler.active[peer_id] = left
+            else:
+                handler.active.pop(peer_id, None)
 
     def _offers_lane(self, stream: Any) -> bool:
         """Whether a lane is worth offering on this stream: not when our dial-back checks found
@@ -405,22 +436,26 @@ class Host:
         ip = lane_ip(stream)
         return ip is not None and not is_public_ip(ip)
 
-    async def _serve_unary(self, handler: _Handler, peer_id: ID, session: Session) -> None:
-        try:
-            request = await session.receive()
-        except (EndOfSession, RemoteError):
-            return  # the client left without a request, or sent us an error frame
-        if handler.accepts is not None and not isinstance(request, handler.accepts):
-            reply: Message = ErrorMessage(ErrorCode.BAD_REQUEST, f"{handler.protocol_id} does not accept {type(request).TYPE}")
+    async def _serve_unary(self, handler: Handler, peer_id: ID, session: Session) -> None:
+        request: Message | None = None
+        with trio.move_on_after(UNARY_REQUEST_DEADLINE):
+            try:
+                request = await session.receive()
+            except (EndOfSession, RemoteError):
+                return  # the client left without a request, or sent us an error frame
+        if request is None:
+            reply: Message = ErrorMessage(ErrorCode.BAD_REQUEST, f"no request within {UNARY_REQUEST_DEADLINE:g} s")
+        elif handler.accepts is not None and not isinstance(request, handler.accepts):
+            reply = ErrorMessage(ErrorCode.BAD_REQUEST, f"{handler.protocol_id} does not accept {type(request).TYPE}")
         else:
-            # If the client goes away, stop working for it.
-            scope = trio.CancelScope()
+            # If the client goes away, stop working for it; and never for longer than the deadline.
+            scope = trio.CancelScope(deadline=trio.current_time() + UNARY_HANDLER_DEADLINE)
             session._cancel_on_fail.add(scope)
-            reply = ErrorMessage(ErrorCode.INTERNAL, "handler cancelled")
+            reply = ErrorMessage(ErrorCode.INTERNAL, f"the handler took more than {UNARY_HANDLER_DEADLINE:g} s")
             with scope:
-                reply = await _call_handler(handler, peer_id, request)
+                reply = await call_handler(handler, peer_id, request)
             session._cancel_on_fail.discard(scope)
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and session.failed is not None:
                 return
         try:
             await session.send(reply)
@@ -428,20 +463,20 @@ class Host:
             logger.warning("%s reply to %s cannot be sent: %s", handler.protocol_id, peer_id, exc)
             await session.send(ErrorMessage(ErrorCode.INTERNAL, f"the response cannot be sent: {exc}"[:1000]))
 
-    async def _serve_session(self, handler: _Handler, peer_id: ID, session: Session) -> None:
+    async def _serve_session(self, handler: Handler, peer_id: ID, session: Session) -> None:
         try:
             await handler.fn(peer_id, session)
         except RemoteError as exc:
-            await _send_error(session, ErrorMessage(exc.code, exc.message))
+            await send_error(session, ErrorMessage(exc.code, exc.message))
         except (PeerError, RemoteProtocolError):
             if session.failed is None:
-                await _send_error(session, ErrorMessage(ErrorCode.INTERNAL, "handler failed"))
+                await send_error(session, ErrorMessage(ErrorCode.INTERNAL, "handler failed"))
             raise
         except Exception as exc:
             if session.failed is not None:
                 raise PeerBrokenError(f"session failed: {session.failed!r}") from exc
             logger.warning("%s session handler failed for %s", handler.protocol_id, peer_id, exc_info=True)
-            await _send_error(session, ErrorMessage(ErrorCode.INTERNAL, _describe(exc)))
+            await send_error(session, ErrorMessage(ErrorCode.INTERNAL, describe(exc)))
 
     # -- client side -----------------------------------------------------------------------
     async def _open_stream(self, peer_id: ID, protocol_id: str) -> Any:
@@ -549,35 +584,6 @@ class Host:
         return reply
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:1000]
-
-
-async def _call_handler(handler: _Handler, peer_id: ID, request: Message) -> Message:
-    """Run a unary handler; turn whatever it raises or returns wrongly into an error frame."""
-    try:
-        reply = await handler.fn(peer_id, request)
-    except RemoteError as exc:
-        return ErrorMessage(exc.code, exc.message)
-    except Exception as exc:
-        logger.warning("%s handler failed for %s", handler.protocol_id, peer_id, exc_info=True)
-        return ErrorMessage(ErrorCode.INTERNAL, _describe(exc))
-    if not isinstance(reply, Message) or REGISTRY.get(type(reply).TYPE) is not type(reply):
-        logger.warning("%s handler returned %r, not a registered message", handler.protocol_id, type(reply))
-        return ErrorMessage(ErrorCode.INTERNAL, "handler returned an invalid response")
-    return reply
-
-
-async def _send_error(session: Session, error: ErrorMessage) -> None:
-    if session.failed is not None:
-        return
-    with trio.move_on_after(RESET_DEADLINE):
-        try:
-            await session.send(error)
-        except P2PError:
-            pass
-
-
 # --- open_host ------------------------------------------------------------------------------
 @asynccontextmanager
 async def open_host(config: HostConfig) -> AsyncIterator[Host]:
@@ -599,6 +605,10 @@ async def open_host(config: HostConfig) -> AsyncIterator[Host]:
     try:
         async with h.run(listen):
             reap_inbound_handlers(h)
+            network = h.get_network()
+            limit_libp2p_connections(network, config.max_connections)
+            gate_libp2p_handshakes(network, HandshakeGate(config.max_handshakes, MAX_HANDSHAKES_PER_IP,
+                                                          HANDSHAKE_DEADLINE, HANDSHAKE_EVICT_AGE))
             try:
                 async with trio.open_nursery() as nursery:
                     host._nursery = nursery

@@ -29,7 +29,9 @@ authentication, and the lane is then broken (`trio.BrokenResourceError`). Ticket
 use and expire after `LANE_TICKET_TTL`; a connection that does not present a live ticket within
 `LANE_HELLO_DEADLINE` is closed without a word, and at most `LANE_MAX_HANDSHAKES` connections
 may be waiting to present one (more are closed at once: a flood of idle connections delays
-lanes, whose clients then stay on libp2p, and nothing else).
+lanes, whose clients then stay on libp2p, and nothing else). At most `LANE_MAX_OPEN` lanes are
+open (or invited) at once: beyond, sessions are told `LaneUnavailable` and stay on libp2p, so
+lanes never take more descriptors than that.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -47,7 +50,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._constants import (COALESCE_LIMIT, LANE_CONNECT_DEADLINE, LANE_HELLO_DEADLINE, LANE_MAX_HANDSHAKES,
-                         LANE_MAX_PENDING, LANE_TICKET_TTL)
+                         LANE_MAX_OPEN, LANE_MAX_PENDING, LANE_TICKET_TTL)
 from ._messages import field, message, Message
 
 logger = logging.getLogger("lamina.p2p")
@@ -101,8 +104,10 @@ class LaneStream:
     uses (``read``/``write``/``close``/``reset``), with py-libp2p's EOF convention: ``read``
     returns ``b""`` at a clean end and raises `trio.BrokenResourceError` otherwise."""
 
-    def __init__(self, sock: trio.SocketStream, send_key: bytes, recv_key: bytes) -> None:
+    def __init__(self, sock: trio.SocketStream, send_key: bytes, recv_key: bytes,
+                 on_close: Callable[[], None] | None = None) -> None:
         self._sock = sock
+        self._on_close = on_close  # called once, when the lane is closed or reset
         self._fd = sock.socket.fileno()
         self._send = ChaCha20Poly1305(send_key)
         self._recv = ChaCha20Poly1305(recv_key)
@@ -293,6 +298,7 @@ class LaneStream:
         if self._closed:
             return
         self._closed = True
+        self._closing()
         try:
             with trio.move_on_after(1.0):
                 await self._sock.send_eof()
@@ -309,11 +315,18 @@ class LaneStream:
         if self._closed:
             return
         self._closed = True
+        self._closing()
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
         await trio.aclose_forcefully(self._sock)
+
+
+    def _closing(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 @dataclass
@@ -335,6 +348,7 @@ class LaneListener:
         self._tickets: dict[bytes, _Ticket] = {}
         self.handshakes = 0  # connections still to present their ticket
         self.refused = 0  # connections closed because LANE_MAX_HANDSHAKES were pending
+        self.open_lanes = 0  # lanes handed to a handler and not closed yet
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.requested_port, host=self.bind_host)
@@ -374,7 +388,7 @@ class LaneListener:
         now = trio.current_time()
         for stale in [t for t, v in self._tickets.items() if v.expires < now]:
             del self._tickets[stale]
-        if len(self._tickets) >= LANE_MAX_PENDING:
+        if len(self._tickets) >= LANE_MAX_PENDING or self.open_lanes + len(self._tickets) >= LANE_MAX_OPEN:
             return None
         ticket, key = os.urandom(TICKET_SIZE), os.urandom(KEY_SIZE)
         entry = _Ticket(key, now + LANE_TICKET_TTL, trio.Event())
@@ -383,6 +397,9 @@ class LaneListener:
 
     def withdraw(self, ticket: bytes) -> None:
         self._tickets.pop(ticket, None)
+
+    def _lane_closed(self) -> None:
+        self.open_lanes -= 1
 
     async def _accept(self, sock: trio.SocketStream) -> None:
         try:
@@ -404,7 +421,8 @@ class LaneListener:
             if entry is None or entry.expires < trio.current_time():
                 raise trio.BrokenResourceError("unknown or expired ticket")
             client_key, server_key = _keys(entry.key, ticket, self._swarm_key)
-            lane = LaneStream(sock, send_key=server_key, recv_key=client_key)
+            self.open_lanes += 1
+            lane = LaneStream(sock, send_key=server_key, recv_key=client_key, on_close=self._lane_closed)
             entry.stream = lane
             entry.arrived.set()  # the waiting handler owns the lane from here on
             with trio.move_on_after(LANE_CONNECT_DEADLINE):

@@ -28,6 +28,8 @@ from libp2p.peer.id import ID
 
 from ._constants import (
     COALESCE_LIMIT,
+    FRAME_GRACE,
+    FRAME_MIN_RATE,
     GOODBYE_LINGER,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
@@ -95,6 +97,9 @@ class Session:
         self.peer_id = peer_id
         self.protocol_id = protocol_id
         self._proto = SessionProtocol(max_frame_size=max_frame_size)
+        self._decoder = self._proto._decoder  # the watchdog times the frame in progress
+        self._frame_seen = 0  # the decoder's frame count when the watchdog last looked
+        self._frame_wait = 0.0  # seconds spent waiting for the bytes of the frame in progress
         self._write_lock = trio.Lock()
         self._error: BaseException | None = None
         self._cancel_on_fail: set[trio.CancelScope] = set()
@@ -105,6 +110,7 @@ class Session:
         # and a step reads the clock several times
         self._now = trio.lowlevel.current_clock().current_time
         now = self._now()
+        self.opened_at = now  # when the stream began (a handler's first-message deadline counts from it)
         self._last_tx = now
         self._alive_at = now  # last time the peer showed signs of life (or we started waiting)
         self._reader_waiting = False
@@ -178,6 +184,19 @@ class Session:
     def clear_interrupt(self) -> None:
         """Forget an `interrupt_receive` that no receive has seen yet."""
         self._transport.clear_interrupt()
+
+    def limit_incoming(self, max_frame_size: int, reason: str = "") -> None:
+        """From now on refuse frames from the peer bigger than `max_frame_size` (what this
+        session can use: a handler knows it once the session's first message says what it is
+        for; never more than the session's `max_frame_size`), at their length prefix, before any of their bytes are buffered; `reason` names the
+        limit in the error (`RemoteProtocolError` here, a PROTOCOL_ERROR frame to the peer).
+        A frame already under way is not affected; what we send is not limited by it."""
+        if max_frame_size < 1:
+            raise LocalProtocolError("max_frame_size must be >= 1")
+        if max_frame_size >= self._proto.max_frame_size:  # never above the host's own limit
+            max_frame_size, reason = self._proto.max_frame_size, ""
+        self._decoder.max_frame_size = max_frame_size
+        self._decoder.limit_reason = reason
 
     def _unreceive(self, msg: Message) -> None:
         """Put one message back: the next `receive` returns it (the host peeks at a first
@@ -443,7 +462,8 @@ class Session:
         while True:
             await trio.sleep(WATCHDOG_TICK)
             now = self._now()
-            stalled = now - last_tick > 2 * HEARTBEAT_INTERVAL
+            elapsed = now - last_tick
+            stalled = elapsed > 2 * HEARTBEAT_INTERVAL
             last_tick = now
             if stalled:
                 # our own event loop was blocked; bytes may be waiting unread. Judge next tick.
@@ -456,19 +476,56 @@ class Session:
                 silent = now - self._alive_at
                 self._fail(PeerFrozenError(f"{self.peer_id} sent nothing for {silent:.1f}s (no heartbeats)", peer_id=self.peer_id), abort_write=True)
                 return
+            if self._frame_too_slow(waiting, elapsed):
+                return
             progress = self._write_progress_at
             if progress is not None and now - progress > WRITE_STALL_DEADLINE:
                 self._fail(PeerTimeoutError(f"{self.peer_id} accepted no bytes for {now - progress:.1f}s", peer_id=self.peer_id), abort_write=True)
                 return
 
 
+    def _frame_too_slow(self, waiting: bool, elapsed: float) -> bool:
+        """Watchdog tick: fail the session (and tell the peer why) when the frame arriving has
+        had `FRAME_GRACE` s and then less than `FRAME_MIN_RATE` bytes per second of waiting
+        (a slow loris: heartbeats never come while a frame is cut off halfway, but each of its
+        bytes keeps the peer looking alive). Only time spent waiting for the peer's bytes
+        counts, not time we left them unread."""
+        decoder = self._decoder
+        if not decoder.in_frame or decoder.frames != self._frame_seen:
+            self._frame_seen = decoder.frames
+            self._frame_wait = 0.0
+            if not decoder.in_frame:
+                return False
+        if waiting:
+            self._frame_wait += elapsed
+        over = self._frame_wait - FRAME_GRACE
+        got, expected = decoder.pending
+        if over <= 0 or got >= FRAME_MIN_RATE * over:
+            return False
+        message = (f"{self.peer_id} sent {got} of the {expected} bytes of a frame in {self._frame_wait:.1f} s: "
+                   f"too slow (after {FRAME_GRACE:g} s a frame must arrive at {FRAME_MIN_RATE} bytes/s or more)")
+        if self._error is None and self._proto.our_state is State.OPEN:
+            self._error_frame = ErrorMessage(ErrorCode.PROTOCOL_ERROR, message)
+        self._fail(PeerTimeoutError(message, peer_id=self.peer_id))
+        return True
+
+
 @asynccontextmanager
-async def run_session(transport: Transport, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE) -> AsyncIterator[Session]:
+async def run_session(transport: Transport, peer_id: ID, protocol_id: str, *, max_frame_size: int = MAX_FRAME_SIZE,
+                      max_incoming: int | None = None, incoming_reason: str = "",
+                      opened_at: float | None = None) -> AsyncIterator[Session]:
     """Run a `Session` over `transport` for the duration of the block.
 
     A normal exit says goodbye and closes the stream cleanly; an exception resets it.
+    `max_incoming`: a lower limit for the frames the peer sends (`Session.limit_incoming`),
+    in force from the first byte. `opened_at`: when the stream this session continues began
+    (a session moved to a lane), for `Session.opened_at`.
     """
     session = Session(transport, peer_id, protocol_id, max_frame_size=max_frame_size)
+    if opened_at is not None:
+        session.opened_at = opened_at
+    if max_incoming is not None and max_incoming < max_frame_size:
+        session.limit_incoming(max_incoming, incoming_reason)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(session._serve)

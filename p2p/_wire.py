@@ -310,6 +310,8 @@ class FrameDecoder:
 
     def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE, registry: dict[str, type[Message]] | None = None):
         self.max_frame_size = max_frame_size
+        self.limit_reason = ""  # what the limit is, for the error (a session's own, say); "" says nothing
+        self.frames = 0  # frames completed so far (a session's watchdog tells frames apart by it)
         self._registry = registry
         self._prefix = bytearray()
         self._expected = 0  # body length of the frame in progress; 0 between frames
@@ -343,6 +345,7 @@ class FrameDecoder:
             length = int.from_bytes(data[:FRAME_PREFIX_SIZE], "little")
             if length == len(data) - FRAME_PREFIX_SIZE and HEADER_LEN_SIZE <= length <= PREALLOCATE_LIMIT \
                     and length <= self.max_frame_size:
+                self.frames += 1
                 try:
                     return [decode_body(bytearray(memoryview(data)[FRAME_PREFIX_SIZE:]), self._registry)]
                 except RemoteProtocolError as exc:
@@ -369,7 +372,9 @@ class FrameDecoder:
                 length = int.from_bytes(self._prefix, "little")
                 self._prefix.clear()
                 if length > self.max_frame_size:
-                    raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame_size}-byte limit")
+                    why = f" ({self.limit_reason})" if self.limit_reason else ""
+                    raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame_size}-byte "
+                                              f"limit{why}")
                 if length < HEADER_LEN_SIZE:
                     raise RemoteProtocolError(f"frame of {length} bytes is too short")
                 self._expected, self._filled = length, 0
@@ -392,6 +397,7 @@ class FrameDecoder:
                 else:
                     body, self._parts = bytearray().join(self._parts), []
                 self._expected = 0
+                self.frames += 1
                 out.append(decode_body(body, self._registry))
 
     def feed_eof(self) -> None:
