@@ -76,7 +76,7 @@ from ._gossip import Gossip
 from ._expiring import ExpiringSet
 from ._identity import Identity
 from ._lane import LaneListener, LaneStream, lane_ip
-from ._relay import parse_circuit_addr
+from ._relay import is_relayed, parse_circuit_addr
 from ._handlers import Handler, call_handler, describe, rate_limiter, send_error
 from ._lane_setup import accept_lane, request_lane, start_lanes
 from ._limits import HandshakeGate, gate_libp2p_handshakes, limit_libp2p_connections, refuse_stream
@@ -290,6 +290,18 @@ class Host:
     async def disconnect(self, peer: PeerLike) -> None:
         with trio.move_on_after(RESET_DEADLINE):
             await self.libp2p.disconnect(_as_peer_id(peer))
+
+    async def drop_relayed(self, peer: PeerLike) -> int:
+        """Close our relayed connections to `peer`; returns how many. A relay that froze (or
+        vanished without a FIN) leaves its circuits in the swarm, silent, and every new stream
+        to the peer would go to one of them and hang: a caller whose peer stopped answering
+        drops them, so that the next stream dials the peer afresh through its other relays."""
+        conns = [c for c in self.libp2p.get_network().get_connections(_as_peer_id(peer)) if is_relayed(c)]
+        with trio.move_on_after(RESET_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for conn in conns:
+                    nursery.start_soon(_close_quietly, conn)
+        return len(conns)
 
     def on_peer_connected(self, callback: PeerCallback) -> None:
         """Call `await callback(peer_id)` for every new connection, inbound or outbound (each
@@ -531,13 +543,9 @@ class Host:
                 return
             except P2PError as exc:
                 failure = exc
-        for circuit in circuits:   # through a relay: what a peer behind NAT advertises
-            try:
-                await self.nat.connect_circuit(circuit)
-                return
-            except P2PError as exc:
-                logger.debug("dialling %s through %s failed: %r", peer_id, circuit, exc)
-                failure = exc
+        if circuits:   # through a relay: what a peer behind NAT advertises
+            await self.nat.connect_any(peer_id, circuits)
+            return
         assert failure is not None
         raise failure
 
@@ -582,6 +590,13 @@ class Host:
         if error is not None:
             raise error
         return reply
+
+
+async def _close_quietly(conn: Any) -> None:
+    try:
+        await conn.close()
+    except Exception as exc:
+        logger.debug("closing %r: %r", conn, exc)
 
 
 # --- open_host ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import multiaddr
 import trio
 from libp2p.peer.id import ID
 
+from ._errors import P2PError
 from ._expiring import ExpiringSet
 from ._punch import Punch, has_direct
 from ._reach import Reachability, ReachStatus, is_public_ip, serve_dialback
@@ -37,6 +38,10 @@ logger = logging.getLogger("lamina.p2p")
 __all__ = ["NatConfig", "NatTraversal", "is_circuit"]
 
 PUNCH_RETRY_AFTER = 600.0   # seconds a peer we could not punch to is not tried again
+# a peer's circuits are dialled one after another, the next this long after the last began (or
+# at once when it failed): a dead or frozen relay first in the list delays the dial this long,
+# not a whole dial deadline. A relayed dial takes ~0.1 s in the lab, a second or so on the internet.
+CIRCUIT_STAGGER = 1.0
 NO_RELAY_WARNING_AFTER = 30.0
 
 
@@ -149,6 +154,32 @@ class NatTraversal:
         await dial_circuit(self._host.libp2p, addr)
         await self.upgrade(target)
         return target
+
+    async def connect_any(self, peer: ID, circuits: Sequence[str]) -> None:
+        """Reach `peer` through the first of `circuits` that works (`connect_circuit`): each dial
+        starts `CIRCUIT_STAGGER` s after the one before it, or as soon as that one failed; the
+        first to connect wins and the others are cancelled. Raises the last failure when none
+        connects."""
+        failures: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+            for circuit in circuits:
+                failed = trio.Event()
+                nursery.start_soon(self._try_circuit, peer, circuit, failed, failures, nursery.cancel_scope)
+                with trio.move_on_after(CIRCUIT_STAGGER):
+                    await failed.wait()
+        if len(failures) == len(circuits):   # (the winner cancelled the nursery otherwise)
+            raise failures[-1]
+
+    async def _try_circuit(self, peer: ID, circuit: str, failed: trio.Event, failures: list[Exception],
+                           done: trio.CancelScope) -> None:
+        try:
+            await self.connect_circuit(circuit)
+        except (P2PError, ValueError) as exc:
+            logger.debug("dialling %s through %s failed: %r", peer, circuit, exc)
+            failures.append(exc)
+            failed.set()
+            return
+        done.cancel()
 
     async def upgrade(self, peer: ID) -> bool:
         if self.punch is None or not self.config.hole_punch or peer in self._no_punch:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import trio
@@ -39,12 +40,11 @@ from crdt import peer_id_to_str
 
 from ._errors import InvalidOptionError, LaminaError
 from ._failover import ALIVE, PROBE, Finished, LinkState, Plan, Refused, Relay, Replace, Send, verdict
-from .protocol import (INFERENCE_PROTOCOL, INFO_PROTOCOL, ONLINE, CloseSession, InfoRequest, NodeInfo,
-                        OpenSession, PushFailed, Replay, SessionOpened, SetNextHop, Step, StepFailed,
-                        StepResult, new_session_id)
+from .protocol import (INFERENCE_PROTOCOL, CloseSession, OpenSession, PushFailed, Replay, SessionOpened, SetNextHop,
+                        Step, StepFailed, StepResult, new_session_id)
 from ._routing import DISTRUST_TTL, Hop, NoRouteError, RouteOptions, choose_route, describe_route
-from ._spotcheck import (DEFAULT_TOLERANCE, INT8_TOLERANCE, Redo, SpotChecker, SpotCheckStats, check_rate,
-                         held_inputs)
+from ._spotcheck import DEFAULT_TOLERANCE, INT8_TOLERANCE, Redo, SpotChecker, SpotCheckStats, check_rate, held_inputs
+from ._probe import answers, connect, learn_addrs, round_trip_ms
 from ._swarm import now_ms
 from ._wire_format import WireCodec, WireFormat
 
@@ -94,7 +94,6 @@ class ChainConfig:
 
 RTT_REFRESH = 60.0      # seconds before the client measures its RTT to a server again
 UNPUSHABLE_TTL = 300.0  # seconds a pair that could not push is relayed without trying again
-PROBE_TIMEOUT = 3.0  # a node whose session ended must answer an InfoRequest within this to be kept
 FORGIVE_INTERVAL = 3.0  # with no route left, an excluded node is probed again at most this often
 
 
@@ -151,7 +150,7 @@ class Chain:
                 tolerance = INT8_TOLERANCE
             self._spot = SpotChecker(host, view, model_hash, rate=config.spot_check, tolerance=tolerance,
                                      stats=config.spot_check_stats, options=config.route_options,
-                                     connect=self._connect, timeout=config.step_timeout, batch=batch,
+                                     connect=partial(connect, self.host), timeout=config.step_timeout, batch=batch,
                                      max_length=max_length, plain=self.wire.dtype, decode=self.wire.decode)
             self.plan.keep_final = True
 
@@ -516,18 +515,12 @@ class Chain:
         return forgiven
 
     async def _answers(self, peer: str, start: int, end: int) -> bool:
-        """Whether `peer` answers an InfoRequest within PROBE_TIMEOUT, ONLINE, serving our model
-        and blocks [start, end)."""
-        with trio.move_on_after(PROBE_TIMEOUT):
-            try:
-                reply = await self.host.request(peer, INFO_PROTOCOL, InfoRequest())
-            except (p2p.P2PError, OSError) as e:
-                log.info("node %s does not answer (%s)", peer, e)
-                return False
-            return (isinstance(reply, NodeInfo) and reply.model == self.model_hash and reply.state == ONLINE
-                    and reply.start <= start and end <= reply.end)
-        log.info("node %s does not answer within %.0f s", peer, PROBE_TIMEOUT)
-        return False
+        """`_probe.answers`, with `peer`'s addresses from its latest record (a node behind a NAT
+        that lost a relay has taken another since the route was chosen)."""
+        record = next((r for r in self.view.servers(self.model_hash) if peer_id_to_str(r.peer_id) == peer), None)
+        if record is not None:
+            learn_addrs(self.host, peer, record.addrs)
+        return await answers(self.host, peer, self.model_hash, start, end)
 
     async def _open_links(self, route: list[Hop], nxt: _Link | None, may_relay: bool = True) -> list[_Link]:
         """Open sessions on `route`, last hop first, each pushing to the one after it."""
@@ -570,7 +563,7 @@ class Chain:
         with trio.CancelScope() as cancel:
             with trio.fail_after(self.config.open_timeout):
                 if not self.host.is_connected(hop.peer_id):
-                    await self._connect(hop)
+                    await connect(self.host, hop)
             rtts = self.config.route_options
             if trio.current_time() - rtts.client_rtts_at.get(hop.peer_id, -RTT_REFRESH) >= RTT_REFRESH:
                 rtts.client_rtts_at[hop.peer_id] = trio.current_time()
@@ -607,27 +600,10 @@ class Chain:
                     self._wake(urgent=True)
 
     async def _measure_rtt(self, peer: str) -> None:
-        """One InfoRequest round trip to `peer`, for later routes (this one is chosen): over
-        the connection steps will take, a relay's detour included."""
-        started = trio.current_time()
-        with trio.move_on_after(PROBE_TIMEOUT):
-            try:
-                await self.host.request(peer, INFO_PROTOCOL, InfoRequest())
-            except (p2p.P2PError, OSError):
-                return
-            self.config.route_options.client_rtts_ms[peer] = 1000 * (trio.current_time() - started)
-
-    async def _connect(self, hop: Hop) -> None:
-        try:   # all of them: a later redial (a liveness probe) may need another relay's circuit
-            self.host.add_addrs(hop.peer_id, list(hop.addrs))
-        except p2p.P2PError:
-            pass
-        for addr in hop.addrs:
-            try:
-                await self.host.connect(addr)
-                return
-            except (p2p.P2PError, OSError, ValueError):
-                continue
+        """For later routes (this one is chosen): `_probe.round_trip_ms`."""
+        rtt = await round_trip_ms(self.host, peer)
+        if rtt is not None:
+            self.config.route_options.client_rtts_ms[peer] = rtt
 
     def _relays(self, hop: Hop, nxt: _Link | None) -> bool:
         """Whether the client carries hop's results to nxt (its node could not push there lately)."""

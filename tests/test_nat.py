@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -101,13 +102,19 @@ class Swarm:
             netlab.stop(proc)
 
 
-def _events(proc, until: str, timeout: float = 120.0) -> dict:
+def _events(proc, until: str, timeout: float = 120.0, log: Path | None = None) -> dict:
     while True:
         event = json.loads(netlab.read_line(proc, timeout=timeout))
         if event["event"] == "error":
-            raise AssertionError(f"the client failed: {event}")
+            raise AssertionError(f"the client failed: {event}" + (_tail(log) if log else ""))
         if event["event"] == until:
             return event
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    """The client's last lamina log lines, for the failure message (CI shows no files)."""
+    ours = [line[:400] for line in log.read_text(errors="replace").splitlines() if " lamina." in line]
+    return "\nthe client's log ends:\n" + "\n".join(ours[-lines:])
 
 
 @pytest.fixture
@@ -131,7 +138,7 @@ def _prompt(local) -> tuple[str, torch.Tensor]:
 def test_generation_through_two_nats_hole_punched_and_relayed(swarm, local) -> None:
     prompt, expected = _prompt(local)
     proc = swarm.client("--prompt", prompt, "--new", str(NEW_TOKENS))
-    done = _events(proc, "done")
+    done = _events(proc, "done", log=swarm.logs / "client.log")
     assert done["tokens"] == expected
     assert done["route"] == [swarm.ids["a"], swarm.ids["b"]]
     # the client and A (both behind port-keeping NATs): hole punched, a direct connection
@@ -145,19 +152,25 @@ def test_generation_through_two_nats_hole_punched_and_relayed(swarm, local) -> N
     assert set(done["rtts"]) == {swarm.ids["a"], swarm.ids["b"]}, done["rtts"]
 
 
-def test_a_relay_dies_mid_generation(swarm, local) -> None:
-    """The relay that carries B's traffic is killed after 4 tokens: the client fails over
-    through B's other relay, B reserves on the third, and the tokens are the same."""
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_relay_dies_mid_generation(swarm, local, how) -> None:
+    """The relay that carries B's traffic dies after 4 tokens: killed (its connections close) or
+    frozen (SIGSTOP: its connections go silent, nobody is told). The client fails over through
+    B's other relay, B reserves on the third, and the tokens are the same."""
     prompt, expected = _prompt(local)
     proc = swarm.client("--prompt", prompt, "--new", str(NEW_TOKENS), "--pause-after", "4")
     paused = _events(proc, "paused")
     (dead_id,) = set(paused["via"][swarm.ids["b"]])
     dead = next(name for name, peer in swarm.ids.items() if peer == dead_id)
-    netlab.stop(swarm.procs[list(swarm.public).index(dead)])     # SIGKILL: its connections close
+    relay = swarm.procs[list(swarm.public).index(dead)]
+    if how == "killed":
+        netlab.stop(relay)
+    else:
+        relay.send_signal(signal.SIGSTOP)   # killed at teardown
     spare = next(n for n in swarm.public if n != dead and f"relay reservation on {swarm.ids[n]}"
                  not in (swarm.logs / "b.log").read_text())
     proc.stdin.write(b"go\n")
-    done = _events(proc, "done")
+    done = _events(proc, "done", log=swarm.logs / "client.log")
     assert done["tokens"] == expected
     assert done["failovers"] >= 1 or done["reopened"] >= 1, done
     # B holds two reservations again, the new one on the relay it did not use before
