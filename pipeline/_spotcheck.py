@@ -9,11 +9,12 @@ fraction r of its steps:
   per W steps and never more than ``2W - 1`` steps apart.
 * What a check covers (`SpotChecker.check`): every hop of the route. For a hop serving blocks
   [s, e), another server whose span covers [s, e) (never the hop's own node nor one found
-  faulty; one off the route when there is one) gets a fresh session and the hop's stored
-  inputs for every position so far, [0, P), as one replay; its outputs are compared with the
-  hop's position by position (the relative L2 error over the hidden size). One check thus
-  verifies all the hop's outputs so far, not only the sampled step's: a node that perturbs even
-  a single step is caught at the next check after it.
+  faulty; one off the route when there is one) holds a standing session (`_Standing`, kept
+  across checks) whose cache holds the hop's blocks over the hop's stored inputs; each check
+  sends it the positions since the last one and compares its outputs with the hop's position by
+  position (the relative L2 error over the hidden size). A new checker gets every position from
+  0, so the checker's cache always covers [0, P): a node that perturbs even a single step is
+  caught at the next check after it.
 * Who is wrong: a mismatch (an error above `tolerance` at some position) is settled by a third
   server when one covers the blocks; whoever disagrees with the other two is faulty. With no
   third server the hop's node is taken as faulty (the client drew the checker at random; a node
