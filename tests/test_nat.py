@@ -92,8 +92,8 @@ class Swarm:
             _wait_log(logs / f"{name}.log", r"reachability: relayed")
             _wait_log(logs / f"{name}.log", r"relay reservation on \S+ at", count=2)
 
-    def client(self, *extra: str) -> subprocess.Popen:
-        argv = [sys.executable, CLIENT, str(self.model), self.addr["boot"], *extra,
+    def client(self, *extra: str, via: str = "boot") -> subprocess.Popen:
+        argv = [sys.executable, CLIENT, str(self.model), self.addr[via], *extra,
                 *(["--swarm-key", str(self.key)] if self.key else [])]
         return self.homes["client"].popen(argv, stderr=open(self.logs / "client.log", "ab"))
 
@@ -152,13 +152,12 @@ def test_generation_through_two_nats_hole_punched_and_relayed(swarm, local) -> N
     assert set(done["rtts"]) == {swarm.ids["a"], swarm.ids["b"]}, done["rtts"]
 
 
-@pytest.mark.parametrize("how", ["killed", "frozen"])
-def test_a_relay_dies_mid_generation(swarm, local, how) -> None:
-    """The relay that carries B's traffic dies after 4 tokens: killed (its connections close) or
-    frozen (SIGSTOP: its connections go silent, nobody is told). The client fails over through
-    B's other relay, B reserves on the third, and the tokens are the same."""
-    prompt, expected = _prompt(local)
-    proc = swarm.client("--prompt", prompt, "--new", str(NEW_TOKENS), "--pause-after", "4")
+def _through_a_dying_relay(swarm: Swarm, prompt: str, expected: list[int], how: str, via: str) -> str:
+    """One generation (the client bootstrapping from `via`) whose relay to B dies after 4
+    tokens, killed (its connections close) or frozen (SIGSTOP: its connections go silent, nobody
+    is told): the client fails over through B's other relay, with the same tokens. Returns the
+    dead relay's name."""
+    proc = swarm.client("--prompt", prompt, "--new", str(NEW_TOKENS), "--pause-after", "4", via=via)
     paused = _events(proc, "paused")
     (dead_id,) = set(paused["via"][swarm.ids["b"]])
     dead = next(name for name, peer in swarm.ids.items() if peer == dead_id)
@@ -167,14 +166,25 @@ def test_a_relay_dies_mid_generation(swarm, local, how) -> None:
         netlab.stop(relay)
     else:
         relay.send_signal(signal.SIGSTOP)   # killed at teardown
-    spare = next(n for n in swarm.public if n != dead and f"relay reservation on {swarm.ids[n]}"
-                 not in (swarm.logs / "b.log").read_text())
     proc.stdin.write(b"go\n")
     done = _events(proc, "done", log=swarm.logs / "client.log")
-    assert done["tokens"] == expected
+    assert done["tokens"] == expected, how
     assert done["failovers"] >= 1 or done["reopened"] >= 1, done
+    return dead
+
+
+def test_relays_die_mid_generation(swarm, local) -> None:
+    """The relay that carries B's traffic is killed after 4 tokens: the client fails over
+    through B's other relay, and B reserves on the third. Then a second client's relay to B is
+    frozen after 4 tokens: it fails over through B's last relay. The tokens are the local
+    model's both times."""
+    prompt, expected = _prompt(local)
+    held = set(re.findall(r"relay reservation on (\S+) at", (swarm.logs / "b.log").read_text()))
+    spare = next(n for n in swarm.public if swarm.ids[n] not in held)
+    dead = _through_a_dying_relay(swarm, prompt, expected, "killed", via="boot")
     # B holds two reservations again, the new one on the relay it did not use before
     _wait_log(swarm.logs / "b.log", rf"relay reservation on {swarm.ids[spare]} at")
+    _through_a_dying_relay(swarm, prompt, expected, "frozen", via=spare if dead == "boot" else "boot")
 
 
 def test_a_private_swarm_through_nats(nat_lab, tiny_model, tmp_path, local) -> None:
