@@ -26,7 +26,7 @@ import multiaddr
 import trio
 from libp2p.peer.id import ID
 
-from ._errors import P2PError
+from ._errors import P2PError, PeerBrokenError
 from ._expiring import ExpiringSet
 from ._punch import Punch, has_direct
 from ._reach import Reachability, ReachStatus, is_public_ip, serve_dialback
@@ -160,6 +160,8 @@ class NatTraversal:
         starts `CIRCUIT_STAGGER` s after the one before it, or as soon as that one failed; the
         first to connect wins and the others are cancelled. Raises the last failure when none
         connects."""
+        if not circuits:
+            raise PeerBrokenError(f"no circuit address known for {peer}", peer_id=peer)
         failures: list[Exception] = []
         async with trio.open_nursery() as nursery:
             for circuit in circuits:
