@@ -298,9 +298,7 @@ class Host:
         drops them, so that the next stream dials the peer afresh through its other relays."""
         conns = [c for c in self.libp2p.get_network().get_connections(_as_peer_id(peer)) if is_relayed(c)]
         with trio.move_on_after(RESET_DEADLINE):
-            async with trio.open_nursery() as nursery:
-                for conn in conns:
-                    nursery.start_soon(_close_quietly, conn)
+            await close_connections(self.libp2p, conns)
         return len(conns)
 
     def on_peer_connected(self, callback: PeerCallback) -> None:
@@ -590,13 +588,6 @@ class Host:
         if error is not None:
             raise error
         return reply
-
-
-async def _close_quietly(conn: Any) -> None:
-    try:
-        await conn.close()
-    except Exception as exc:
-        logger.debug("closing %r: %r", conn, exc)
 
 
 # --- open_host ------------------------------------------------------------------------------

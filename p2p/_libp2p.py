@@ -178,9 +178,10 @@ def reap_inbound_handlers(h: Any) -> None:
         listener.handler = reaping
 
 
-async def close_connections(h: Any) -> None:
-    """Close every connection at once: py-libp2p closes them one by one, ~0.2 s each (yamux and
-    the swarm both sleep 0.1 s while closing), which is 10 s for a node with 50 peers."""
+async def close_connections(h: Any, conns: list[Any] | None = None) -> None:
+    """Close every connection (or those of `conns`) at once: py-libp2p closes them one by one,
+    ~0.2 s each (yamux and the swarm both sleep 0.1 s while closing), which is 10 s for a node
+    with 50 peers."""
 
     async def close(conn: Any) -> None:
         try:
@@ -188,7 +189,8 @@ async def close_connections(h: Any) -> None:
         except Exception as exc:
             logger.debug("closing %r: %r", conn, exc)
 
+    if conns is None:
+        conns = [conn for each in list(h.get_network().connections.values()) for conn in list(each)]
     async with trio.open_nursery() as nursery:
-        for conns in list(h.get_network().connections.values()):
-            for conn in list(conns):
-                nursery.start_soon(close, conn)
+        for conn in conns:
+            nursery.start_soon(close, conn)
