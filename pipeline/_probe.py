@@ -6,9 +6,10 @@
   its latest record, not those of the record the route was chosen from.
 * `connect`: dial a hop of a route.
 * `answers`: is the node alive, ONLINE, serving our model and blocks? One InfoRequest within
-  `PROBE_TIMEOUT`. When it does not answer, our relayed connections to it are closed: a relay
-  that froze or vanished leaves its circuits in the swarm, silent, and every new stream to the
-  node would go to one of them; the next probe then dials afresh through the node's relays.
+  `PROBE_TIMEOUT`. When it does not answer (an error frame is an answer), our relayed
+  connections to it are closed: a relay that froze or vanished leaves its circuits in the
+  swarm, silent, and every new stream to the node would go to one of them; the next probe then
+  dials afresh through the node's relays.
 * `round_trip_ms`: one InfoRequest, timed, for the router's per-server RTTs.
 """
 
@@ -55,6 +56,9 @@ async def answers(host: p2p.Host, peer: str, model_hash: str, start: int, end: i
     with trio.move_on_after(PROBE_TIMEOUT) as scope:
         try:
             reply = await host.request(peer, INFO_PROTOCOL, InfoRequest())
+        except p2p.RemoteError as e:   # an error frame (BUSY, say): its connection works
+            log.info("node %s answers with an error (%s)", peer, e)
+            return False
         except (p2p.P2PError, OSError) as e:
             log.info("node %s does not answer (%s)", peer, e)
     if reply is None:
